@@ -1,0 +1,1 @@
+"""deepmarc_jax: partially supervised instance segmentation (Deep-MARC / Deep-MAC) in JAX."""

@@ -1,0 +1,177 @@
+"""TFDS builder for COCO-format instance segmentation (the stock `coco/2017` has no masks).
+
+One builder, `coco_instances`, reads any COCO instances JSON + image folder:
+
+| config | source |
+|---|---|
+| `coco2017` | official COCO 2017 in `manual_dir`: extracted folders or the official zips |
+| `shapes` | the synthetic seen/unseen dataset, generated deterministically at build time |
+| `coco_mini_seg` | the 138-image test set laid out as in `shared/data/coco_mini_seg` |
+| `custom` | your data in `manual_dir`: `annotations/instances_<split>.json` + `<split>/` |
+
+Other layouts: `CocoInstancesConfig(name=..., splits={'train': (json, image_dir)})`.
+
+Features per image: `image` (RGB), `image/id`, `image/filename`, and a sequence `objects` with
+`id` (annotation id), `bbox` (tfds BBox: ymin, xmin, ymax, xmax normalised), `category_id`
+(the JSON's ids, e.g. COCO 1..90), `is_crowd`, `area` (the JSON's area, else mask pixels) and
+`mask_rle` (uncompressed column-major COCO run lengths, see `coco_format`). Category names and
+what the read skipped are in `info.metadata`.
+
+Command line (the TFDS way): `tfds build data/coco_instances --config=custom --manual_dir=DIR`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from deepmarc_jax.data import coco_format
+
+_COCO2017_ARCHIVES = ('annotations_trainval2017.zip', 'train2017.zip', 'val2017.zip')
+
+
+@dataclasses.dataclass(eq=False)
+class CocoInstancesConfig(tfds.core.BuilderConfig):
+  """Where a COCO-format dataset comes from.
+
+  Attributes:
+    splits: split name -> (instances JSON, image folder), relative to `manual_dir` unless
+      absolute. Empty with `synthetic=None` means: discover `annotations/instances_<split>.json`.
+    archives: zip files in `manual_dir` extracted when the split folders are not there.
+    synthetic: keyword arguments of `shapes.generate`; the data is generated, not read.
+    on_bad_input: 'skip' (drop and count bad images/annotations) or 'error'.
+  """
+  splits: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+  archives: tuple[str, ...] = ()
+  synthetic: dict[str, Any] | None = None
+  on_bad_input: str = 'skip'
+
+
+SHAPES_DEFAULT = dict(splits={'train': 2000, 'validation': 200}, image_size=128, seed=0)
+
+
+class CocoInstances(tfds.core.GeneratorBasedBuilder):
+  """COCO-format instance segmentation with masks."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+      CocoInstancesConfig(
+          name='coco2017', description='COCO 2017 instances with masks (train/validation).',
+          splits={'train': ('annotations/instances_train2017.json', 'train2017'),
+                  'validation': ('annotations/instances_val2017.json', 'val2017')},
+          archives=_COCO2017_ARCHIVES),
+      CocoInstancesConfig(
+          name='shapes', description='Synthetic seen/unseen shapes (deepmarc_jax.data.shapes).',
+          synthetic=SHAPES_DEFAULT),
+      CocoInstancesConfig(
+          name='coco_mini_seg', description='138 real COCO images (shared/data/coco_mini_seg).',
+          splits={'train': ('annotations/instances_train2017_coco128.json', 'train2017'),
+                  'validation': ('annotations/instances_val2017_subset10.json', 'val2017')}),
+      CocoInstancesConfig(
+          name='custom', description='annotations/instances_<split>.json + <split>/ in '
+          'manual_dir.'),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  coco2017: put the official COCO 2017 files in manual_dir, either extracted
+  (annotations/instances_{train,val}2017.json, train2017/, val2017/) or as the official zips
+  (annotations_trainval2017.zip, train2017.zip, val2017.zip).
+  custom: annotations/instances_<split>.json with images under <split>/ (file_name relative).
+  shapes needs nothing: it is generated.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'image/id': np.int64,
+            'image/filename': tfds.features.Text(),
+            'objects': tfds.features.Sequence({
+                'id': np.int64,
+                'bbox': tfds.features.BBoxFeature(),
+                'category_id': np.int64,
+                'is_crowd': np.bool_,
+                'area': np.float32,
+                'mask_rle': tfds.features.Sequence(np.int32),
+            }),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage='https://cocodataset.org',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config: CocoInstancesConfig = self.builder_config
+    if config.on_bad_input not in coco_format.ON_BAD_INPUT:
+      raise ValueError(f'on_bad_input={config.on_bad_input!r}; allowed: '
+                       f'{coco_format.ON_BAD_INPUT}')
+    if config.synthetic is not None:
+      splits = self._generate_synthetic(config.synthetic)
+    else:
+      splits = self._locate_splits(config, dl_manager)
+    return {name: self._generate_examples(name, split) for name, split in splits.items()}
+
+  def _generate_synthetic(self, kwargs: dict[str, Any]) -> dict[str, coco_format.CocoSplit]:
+    from deepmarc_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    out_dir = tempfile.mkdtemp(prefix='shapes_')
+    paths = shapes.generate(out_dir, **kwargs)
+    return {name: coco_format.CocoSplit(path, os.path.join(out_dir, name))
+            for name, path in paths.items()}
+
+  def _locate_splits(self, config: CocoInstancesConfig,
+                     dl_manager: tfds.download.DownloadManager
+                     ) -> dict[str, coco_format.CocoSplit]:
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    roots = [manual_dir]
+    if config.archives and not all(
+        os.path.exists(os.path.join(manual_dir, ann)) and
+        os.path.isdir(os.path.join(manual_dir, img)) for ann, img in config.splits.values()):
+      zips = [os.path.join(manual_dir, z) for z in config.archives]
+      missing = [z for z in zips if not os.path.exists(z)]
+      if missing:
+        raise FileNotFoundError(
+            f'{config.name}: neither the extracted folders nor the archives {missing} are in '
+            f'manual_dir={manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      roots = [os.fspath(p) for p in dl_manager.extract(zips)]
+    splits = dict(config.splits) or _discover_splits(manual_dir)
+    return {name: coco_format.CocoSplit(_find(ann, roots), _find(img, roots))
+            for name, (ann, img) in splits.items()}
+
+  def _generate_examples(self, split_name: str, split: coco_format.CocoSplit):
+    stats = coco_format.ReadStats()
+    yield from coco_format.read_coco_split(
+        split, on_bad_input=self.builder_config.on_bad_input, stats=stats)
+    self.info.metadata.setdefault('read_stats', {})[split_name] = stats.as_dict()
+    _merge_categories(self.info.metadata, stats.categories)
+
+
+def _find(relative: str, roots: list[str]) -> str:
+  """First existing `root/relative` (extracted zips each have their own root)."""
+  for root in roots:
+    path = os.path.join(root, relative)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f'{relative} not found under {roots}')
+
+
+def _discover_splits(manual_dir: str) -> dict[str, tuple[str, str]]:
+  """`annotations/instances_<split>.json` + `<split>/` pairs in `manual_dir`."""
+  ann_dir = os.path.join(manual_dir, 'annotations')
+  names = sorted(f for f in (os.listdir(ann_dir) if os.path.isdir(ann_dir) else [])
+                 if f.startswith('instances_') and f.endswith('.json'))
+  splits = {f[len('instances_'):-len('.json')]: (os.path.join('annotations', f),
+                                                 f[len('instances_'):-len('.json')])
+            for f in names}
+  if not splits:
+    raise FileNotFoundError(f'no annotations/instances_<split>.json in manual_dir={manual_dir}')
+  return splits
+
+
+def _merge_categories(metadata: tfds.core.MetadataDict, categories: list[dict[str, Any]]):
+  """Adds a split's categories to `metadata['categories']` (union over splits, sorted by id)."""
+  merged = {c['id']: c for c in metadata.get('categories', [])}
+  merged.update({c['id']: c for c in categories})
+  metadata['categories'] = [merged[i] for i in sorted(merged)]

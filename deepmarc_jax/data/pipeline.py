@@ -1,0 +1,290 @@
+"""The tf.data pipeline: TFDS `coco_instances` examples -> padded batches of the batch contract.
+
+Batch (per process; B = global batch / process count, S = image_size, N = max_instances,
+M = mask_size):
+
+| key | shape / dtype | meaning |
+|---|---|---|
+| image | [B,S,S,3] uint8 | resized + padded image (normalise on device) |
+| image_info | [B,4] f32 | original h, original w, scale y, scale x (input px per original px) |
+| gt_boxes | [B,N,4] f32 | y1, x1, y2, x2 in input-image pixels |
+| gt_classes | [B,N] int32 | category id (COCO 1..90), 0 for padding |
+| gt_valid, gt_is_crowd, gt_mask_allowed | [B,N] bool | real / crowd / mask may train |
+| gt_masks | [B,N,M,M] f32 | soft mask cropped to its GT box (ops/masks.py convention) |
+| image_id | [B] int32 | COCO image id (-1 for eval padding examples) |
+| example_valid | [B] bool | False for eval padding examples |
+| num_dropped_instances | [B] int32 | valid instances beyond max_instances, dropped |
+
+Augmentation (train): horizontal flip, then Model Garden scale jitter: a random target size
+S * U(scale_min, scale_max), aspect-preserving resize to fit it, a random S x S crop when
+larger, zero padding when smaller. Boxes are clipped to the visible region; instances left
+with no area are dropped. Masks are never resized at full image resolution: each instance's
+final box is mapped back to the original image and the mask cropped there (then flipped),
+which is exact because the crop is a bilinear sample at cell centres.
+
+Randomness is stateless: each example's seed is (config seed, example index), so a run is
+reproducible for a given seed, process count and batch size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from deepmarc_jax.data import class_splits
+from deepmarc_jax.data import coco_instances  # registers the builder  # noqa: F401
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+  """Static preprocessing settings (resolved from `config.data`)."""
+  image_size: int
+  max_instances: int
+  mask_size: int
+  allowed_mask_ids: tuple[int, ...]
+  train: bool
+  hflip: bool = True
+  scale_range: tuple[float, float] = (1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry helpers.
+
+
+def resample_boxes(images: tf.Tensor, boxes: tf.Tensor, out_h, out_w) -> tf.Tensor:
+  """Bilinear samples of `boxes` regions at output-cell centres (ops/masks.py convention).
+
+  Args:
+    images: [K, H, W, C] any real dtype.
+    boxes: [K, 4] (y1, x1, y2, x2) in source pixel coordinates; box k samples images[k].
+    out_h, out_w: output size (may be dynamic).
+  Returns:
+    [K, out_h, out_w, C] float32. Samples are clamped to the image (border replication).
+  """
+  height = tf.cast(tf.shape(images)[1], tf.float32)
+  width = tf.cast(tf.shape(images)[2], tf.float32)
+  # One replicated border pixel turns crop_and_resize's "zero outside" into clamping for the
+  # half-pixel margins that cell-centre sampling reaches.
+  padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode='SYMMETRIC')
+  y1, x1, y2, x2 = tf.unstack(tf.cast(boxes, tf.float32), axis=-1)
+  oh, ow = tf.cast(out_h, tf.float32), tf.cast(out_w, tf.float32)
+  # crop_and_resize samples y1n*(Hp-1) + i*(y2n-y1n)*(Hp-1)/(out-1); we want the centre of
+  # cell i, y1 + (i+0.5)*h/out, in index space (-0.5) of the padded image (+1).
+  start_y = (y1 + 0.5 * (y2 - y1) / oh + 0.5) / (height + 1.0)
+  start_x = (x1 + 0.5 * (x2 - x1) / ow + 0.5) / (width + 1.0)
+  span_y = (y2 - y1) * (oh - 1.0) / (oh * (height + 1.0))
+  span_x = (x2 - x1) * (ow - 1.0) / (ow * (width + 1.0))
+  norm_boxes = tf.stack([start_y, start_x, start_y + span_y, start_x + span_x], axis=-1)
+  return tf.image.crop_and_resize(
+      padded, norm_boxes, tf.range(tf.shape(boxes)[0]), tf.stack([out_h, out_w]))
+
+
+def decode_masks(rle: tf.RaggedTensor, height, width) -> tf.Tensor:
+  """[K, None] ragged uncompressed COCO run lengths -> [K, H, W] uint8 masks."""
+  values = tf.cast(tf.ragged.range(rle.row_lengths()).flat_values % 2, tf.uint8)
+  flat = tf.repeat(values, tf.cast(rle.flat_values, tf.int32))
+  return tf.transpose(tf.reshape(flat, [-1, width, height]), [0, 2, 1])  # RLE is column-major
+
+
+def _scale_and_offset(height, width, spec: PreprocessSpec, seed):
+  """Scale factor (input px per original px), crop offset (y, x) and visible size (h, w)."""
+  size = tf.cast(spec.image_size, tf.float32)
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  if spec.train and spec.scale_range != (1.0, 1.0):
+    lo, hi = spec.scale_range
+    target = tf.round(size * tf.random.stateless_uniform([], seed, lo, hi))
+  else:
+    target = size
+  scale = tf.minimum(target / h, target / w)
+  scaled = tf.round(tf.stack([h, w]) * scale)
+  max_offset = tf.maximum(scaled - size, 0.0)
+  if spec.train:
+    u = tf.random.stateless_uniform([2], seed + 1)
+    offset = tf.floor(max_offset * u)
+  else:
+    offset = tf.zeros([2])
+  visible = tf.minimum(scaled - offset, size)
+  return scale, offset, visible
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example preprocessing.
+
+
+def preprocess(example: dict, spec: PreprocessSpec, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+  """One TFDS example -> one batch-contract example (see the module docstring)."""
+  image = example['image']
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  objects = example['objects']
+  boxes = objects['bbox'] * tf.stack([h_f, w_f, h_f, w_f])  # original pixels
+  classes = tf.cast(objects['category_id'], tf.int32)
+
+  flip = tf.constant(False)
+  if spec.train and spec.hflip:
+    flip = tf.random.stateless_uniform([], seed + 2) < 0.5
+  scale, offset, visible = _scale_and_offset(height, width, spec, seed)
+
+  # Boxes in the (possibly flipped) original frame, then in input pixels, clipped.
+  y1, x1, y2, x2 = tf.unstack(boxes, axis=-1)
+  x1, x2 = tf.where(flip, w_f - x2, x1), tf.where(flip, w_f - x1, x2)
+  out = tf.stack([y1, x1, y2, x2], -1) * scale - tf.tile(offset, [2])
+  out = tf.clip_by_value(out, 0.0, tf.tile(visible, [2]))
+  keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+  kept = tf.where(keep)[:, 0]
+  num_dropped = tf.maximum(tf.size(kept) - spec.max_instances, 0)
+  kept = kept[:spec.max_instances]
+  out = tf.gather(out, kept)
+  classes = tf.gather(classes, kept)
+  is_crowd = tf.gather(objects['is_crowd'], kept)
+
+  masks = _crop_masks(tf.gather(objects['mask_rle'], kept), out, flip, scale, offset,
+                      height, width, spec.mask_size)
+  allowed = tf.reduce_any(classes[:, None] == tf.constant(
+      list(spec.allowed_mask_ids) or [-1], tf.int32)[None, :], axis=1) & ~is_crowd
+
+  image = _transform_image(image, flip, scale, offset, visible, spec.image_size)
+  n = tf.shape(out)[0]
+  pad = spec.max_instances - n
+  return {
+      'image': image,
+      'image_info': tf.stack([h_f, w_f, scale, scale]),
+      'gt_boxes': tf.pad(out, [[0, pad], [0, 0]]),
+      'gt_classes': tf.pad(classes, [[0, pad]]),
+      'gt_valid': tf.pad(tf.ones([n], tf.bool), [[0, pad]]),
+      'gt_is_crowd': tf.pad(is_crowd, [[0, pad]]),
+      'gt_mask_allowed': tf.pad(allowed, [[0, pad]]),
+      'gt_masks': tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
+      'image_id': tf.cast(example['image/id'], tf.int32),
+      'example_valid': tf.constant(True),
+      'num_dropped_instances': tf.cast(num_dropped, tf.int32),
+  }
+
+
+def _crop_masks(rle, out_boxes, flip, scale, offset, height, width, mask_size):
+  """[K,M,M] masks of the final boxes, cropped from the original-resolution masks."""
+  y1, x1, y2, x2 = tf.unstack((out_boxes + tf.tile(offset, [2])) / scale, axis=-1)
+  w_f = tf.cast(width, tf.float32)
+  x1, x2 = tf.where(flip, w_f - x2, x1), tf.where(flip, w_f - x1, x2)
+  full = decode_masks(rle, height, width)[..., None]
+  crops = resample_boxes(full, tf.stack([y1, x1, y2, x2], -1), mask_size, mask_size)[..., 0]
+  return tf.where(flip, tf.reverse(crops, [2]), crops)
+
+
+def _transform_image(image, flip, scale, offset, visible, size):
+  """Flip, resample the visible window to its input size, zero-pad to size x size (uint8)."""
+  image = tf.where(flip, tf.reverse(image, [1]), image)
+  vis = tf.cast(visible, tf.int32)
+  window = tf.concat([offset, offset + visible], 0) / scale
+  resized = resample_boxes(image[None], window[None], vis[0], vis[1])[0]
+  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
+
+
+def padding_example(spec: PreprocessSpec) -> dict[str, tf.Tensor]:
+  """An all-zero example with `example_valid=False` (fills the last eval batch)."""
+  n, m, s = spec.max_instances, spec.mask_size, spec.image_size
+  return {
+      'image': tf.zeros([s, s, 3], tf.uint8),
+      'image_info': tf.constant([1.0, 1.0, 1.0, 1.0]),
+      'gt_boxes': tf.zeros([n, 4]), 'gt_classes': tf.zeros([n], tf.int32),
+      'gt_valid': tf.zeros([n], tf.bool), 'gt_is_crowd': tf.zeros([n], tf.bool),
+      'gt_mask_allowed': tf.zeros([n], tf.bool), 'gt_masks': tf.zeros([n, m, m]),
+      'image_id': tf.constant(-1, tf.int32), 'example_valid': tf.constant(False),
+      'num_dropped_instances': tf.constant(0, tf.int32),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def get_builder(data_config) -> tfds.core.DatasetBuilder:
+  """The TFDS builder named by `data_config.tfds_name`, prepared if it is not yet.
+
+  Synthetic data is generated on first use; real data needs `data_config.manual_dir`.
+  """
+  kwargs = {}
+  if data_config.get('data_dir'):
+    kwargs['data_dir'] = os.path.expanduser(data_config.data_dir)
+  builder = tfds.builder(data_config.tfds_name, **kwargs)
+  if not builder.is_prepared():
+    policy = data_config.get('on_bad_input')
+    if policy and policy != builder.builder_config.on_bad_input:
+      config = dataclasses.replace(builder.builder_config, on_bad_input=policy)
+      builder = type(builder)(config=config, **kwargs)
+    manual_dir = data_config.get('manual_dir')
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+        try_download_gcs=False))
+  return builder
+
+
+def make_spec(data_config, builder: tfds.core.DatasetBuilder, *, train: bool) -> PreprocessSpec:
+  category_ids = [c['id'] for c in builder.info.metadata['categories']]
+  return PreprocessSpec(
+      image_size=data_config.image_size,
+      max_instances=data_config.max_instances,
+      mask_size=data_config.mask_size,
+      allowed_mask_ids=class_splits.resolve_mask_classes(data_config.mask_classes, category_ids),
+      train=train,
+      hflip=data_config.hflip,
+      scale_range=tuple(data_config.scale_jitter))
+
+
+def train_dataset(data_config, builder: tfds.core.DatasetBuilder, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Infinite, shuffled, augmented batches of this process's shard of the train split.
+
+  Args:
+    batch_size: the per-process batch (global batch / process_count).
+  """
+  spec = make_spec(data_config, builder, train=True)
+  split = tfds.even_splits(data_config.train_split, process_count, drop_remainder=True)
+  ds = builder.as_dataset(
+      split=split[process_index], shuffle_files=True,
+      read_config=tfds.ReadConfig(shuffle_seed=seed + process_index, try_autocache=False))
+  ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed + process_index)
+  ds = ds.enumerate()
+  ds = ds.map(
+      lambda i, ex: preprocess(ex, spec, _example_seed(seed + 7919 * process_index, i)),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(data_config, builder: tfds.core.DatasetBuilder, *, batch_size: int,
+                 split: str | None = None, process_index: int = 0,
+                 process_count: int = 1) -> tf.data.Dataset:
+  """One pass over this process's shard, padded so every process yields the same batches."""
+  spec = make_spec(data_config, builder, train=False)
+  split = split or data_config.eval_split
+  shards = tfds.even_splits(split, process_count, drop_remainder=False)
+  num_examples = builder.info.splits[split].num_examples
+  per_process = -(-num_examples // process_count)
+  num_batches = -(-per_process // batch_size)
+  ds = builder.as_dataset(split=shards[process_index], shuffle_files=False)
+  zero_seed = tf.zeros([2], tf.int64)
+  ds = ds.map(lambda ex: preprocess(ex, spec, zero_seed), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding_example(spec)).repeat())
+  ds = ds.take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _example_seed(seed: int, index: tf.Tensor) -> tf.Tensor:
+  return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def category_ids(builder: tfds.core.DatasetBuilder) -> Sequence[int]:
+  return [c['id'] for c in builder.info.metadata['categories']]

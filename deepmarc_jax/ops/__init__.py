@@ -1,0 +1,1 @@
+"""Pure array ops (boxes, masks, ...), each tested against an independent reference."""
