@@ -1,0 +1,144 @@
+"""Shared experiment defaults and config validation (the one place both live).
+
+Experiment files (`experiments/*.py`) start from `base_config()` and change what their recipe
+says. `validate(config)` runs before anything reads data: every bad value is reported with its
+full field name and the allowed values, all at once.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from deepmarc_jax.data import class_splits
+from deepmarc_jax.data import coco_format
+from deepmarc_jax.data import coco_instances
+from deepmarc_jax.models import catalogue
+
+TRAIN_CROPS = ('gt', 'proposals')
+OPTIMIZERS = ('sgd', 'adamw')
+SCHEDULES = ('step', 'cosine')
+DTYPES = ('float32', 'bfloat16')
+EVAL_BACKENDS = ('pycocotools', 'faster_coco_eval')
+DATASETS = tuple(f'coco_instances/{c.name}' for c in coco_instances.CocoInstances.BUILDER_CONFIGS)
+
+
+class ConfigError(ValueError):
+  """A config value is not allowed; the message names each field and its allowed values."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all experiments: Mask R-CNN, R50-FPN levels 2-6, HG-52 head, COCO."""
+  config = ml_collections.ConfigDict()
+  config.experiment = 'deepmarc'
+  config.seed = 0
+
+  config.data = dict(
+      tfds_name='coco_instances/coco2017',
+      data_dir=config_dict.placeholder(str),    # TFDS data dir (default ~/tensorflow_datasets)
+      manual_dir=config_dict.placeholder(str),  # where COCO JSON + images (or zips) are
+      train_split='train',
+      eval_split='validation',
+      image_size=1024,
+      max_instances=100,
+      mask_size=112,                # GT mask crop size in the batch (Model Garden: 112)
+      hflip=True,
+      scale_jitter=(0.8, 1.25),     # (min, max) of the random output-size factor
+      mask_classes='voc',           # 'voc' | 'nonvoc' | 'all' | comma-separated ids
+      shuffle_buffer=1000,
+      on_bad_input='skip',          # 'skip' (drop and count) | 'error'
+  )
+
+  config.model = dict(
+      meta_arch='mask_rcnn',
+      num_classes=91,               # COCO ids 1..90 + background 0
+      min_level=2,
+      max_level=6,
+      backbone=dict(type='resnet50', stochastic_depth=0.0, bn_momentum=0.99, bn_epsilon=1e-3),
+      anchor=dict(num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=8.0),
+      mask_head=dict(
+          type='hourglass52',
+          num_filters=64,
+          train_crops='gt',         # Deep-MARC's use_gt_boxes_for_masks: 'gt' | 'proposals'
+          crop_size=32,             # mask ROIAlign output; the head upsamples x2 -> 64
+          max_train_instances=16,   # mask-head crops per image in training (sampled if more)
+      ),
+      compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32
+  )
+
+  config.train = dict(
+      total_steps=70_000,
+      batch_size=64,                # global
+      log_every_steps=100,
+      checkpoint_every_steps=1000,
+      optimizer=dict(
+          name='sgd', momentum=0.9, learning_rate=0.12, schedule='step',
+          warmup_steps=500, warmup_init_lr=0.0067,
+          decay_boundaries=(50_000, 65_000), decay_rate=0.1,
+          weight_decay=4e-5),
+  )
+
+  config.eval = dict(
+      batch_size=8,
+      every_steps=10_000,
+      mask_threshold=0.5,
+      backend='faster_coco_eval',
+  )
+
+  config.mesh = [('data', -1)]
+  return config
+
+
+def _allowed(errors: list[str], field: str, value, allowed: Sequence) -> None:
+  if value not in allowed:
+    errors.append(f'config.{field}={value!r} is not allowed; choose one of: '
+                  + ', '.join(map(str, allowed)))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError listing every invalid field (name, value and what is allowed)."""
+  errors: list[str] = []
+  data, model, train = config.data, config.model, config.train
+  _allowed(errors, 'data.tfds_name', data.tfds_name, DATASETS)
+  _allowed(errors, 'data.on_bad_input', data.on_bad_input, coco_format.ON_BAD_INPUT)
+  mask_classes = data.mask_classes
+  if isinstance(mask_classes, str) and mask_classes not in class_splits.NAMED_SPLITS:
+    try:
+      class_splits.resolve_mask_classes(mask_classes)
+    except ValueError as e:
+      errors.append(str(e).replace('data.mask_classes', 'config.data.mask_classes'))
+  lo, hi = data.scale_jitter
+  if not 0 < lo <= hi:
+    errors.append(f'config.data.scale_jitter={tuple(data.scale_jitter)} must be (min, max) with '
+                  '0 < min <= max')
+  stride = 2 ** model.max_level
+  if data.image_size <= 0 or data.image_size % stride:
+    errors.append(f'config.data.image_size={data.image_size} must be a positive multiple of '
+                  f'{stride} (2**model.max_level)')
+  for field in ('max_instances', 'mask_size'):
+    if data[field] <= 0:
+      errors.append(f'config.data.{field}={data[field]} must be positive')
+
+  _allowed(errors, 'model.backbone.type', model.backbone.type, catalogue.BACKBONES)
+  _allowed(errors, 'model.mask_head.type', model.mask_head.type, tuple(catalogue.MASK_HEADS))
+  _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
+  _allowed(errors, 'model.compute_dtype', model.compute_dtype, DTYPES)
+  if not 2 <= model.min_level <= model.max_level <= 7:
+    errors.append(f'config.model.min_level/max_level={model.min_level}/{model.max_level} must '
+                  'satisfy 2 <= min_level <= max_level <= 7')
+
+  _allowed(errors, 'train.optimizer.name', train.optimizer.name, OPTIMIZERS)
+  _allowed(errors, 'train.optimizer.schedule', train.optimizer.schedule, SCHEDULES)
+  for field in ('total_steps', 'batch_size'):
+    if train[field] <= 0:
+      errors.append(f'config.train.{field}={train[field]} must be positive')
+  _allowed(errors, 'eval.backend', config.eval.backend, EVAL_BACKENDS)
+
+  mesh = config.mesh
+  names = [axis[0] for axis in mesh] if all(len(a) == 2 for a in mesh) else []
+  if 'data' not in names or sum(1 for _, n in mesh if n == -1) > 1:
+    errors.append(f'config.mesh={mesh!r} must be [(name, size), ...] with a "data" axis and at '
+                  'most one size -1')
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))

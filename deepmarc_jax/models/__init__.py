@@ -1,0 +1,1 @@
+"""Flax (linen) models: backbones, FPN, RPN, ROI heads, mask heads, meta-architectures."""

@@ -1,0 +1,69 @@
+"""Architectures by name: the specs the configs choose from (facts: shared/reference/deepmac-facts.md).
+
+These tables are the single source of allowed names for config validation and of the numbers
+the Flax modules are built from.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class HourglassSpec:
+  """A single hourglass used as a mask head (section 2.4); channels are multiples of nc."""
+  blocks_per_stage: tuple[int, ...]
+  channel_multipliers: tuple[int, ...]
+  downsample: bool = True       # stride-2 first block of each encoder stage
+  encoder_shortcut: bool = True  # the skip branch merged after upsampling
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetHeadSpec:
+  """`resnetN` mask head: 1x1 conv to nc, then basic blocks (count, channel multiplier)."""
+  stages: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvHeadSpec:
+  """The standard Mask R-CNN head: `num_convs` 3x3 convs of `num_filters`."""
+  num_convs: int = 4
+
+
+_HG52 = ((2, 2, 2, 2, 2, 4), (2, 2, 3, 3, 3, 4))
+MASK_HEADS: dict[str, HourglassSpec | ResNetHeadSpec | ConvHeadSpec] = {
+    'default': ConvHeadSpec(4),
+    'resnet4': ResNetHeadSpec(((2, 2),)),
+    'resnet8': ResNetHeadSpec(((4, 2),)),
+    'resnet12': ResNetHeadSpec(((6, 2),)),
+    'resnet16': ResNetHeadSpec(((8, 2),)),
+    'resnet20': ResNetHeadSpec(((8, 2), (2, 3))),
+    'hourglass10': HourglassSpec((1, 1), (2, 2)),
+    'hourglass20': HourglassSpec((1, 2, 2), (2, 2, 3)),
+    'hourglass32': HourglassSpec((2, 2, 2, 2), (2, 2, 3, 3)),
+    'hourglass52': HourglassSpec(*_HG52),
+    'hourglass100': HourglassSpec((4, 4, 4, 4, 4, 8), _HG52[1]),
+    'hourglass20_uniform_size': HourglassSpec((1, 2, 2), (2, 2, 3), downsample=False),
+    'hourglass20_no_shortcut': HourglassSpec((1, 2, 2), (2, 2, 3), encoder_shortcut=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpineNetSpec:
+  """SpineNet scaling map row (section 5.1)."""
+  endpoints_num_filters: int
+  filter_size_scale: float
+  resample_alpha: float
+  block_repeats: int
+
+
+SPINENETS = {
+    'spinenet49s': SpineNetSpec(128, 0.65, 0.5, 1),
+    'spinenet49': SpineNetSpec(256, 1.0, 0.5, 1),
+    'spinenet96': SpineNetSpec(256, 1.0, 0.5, 2),
+    'spinenet143': SpineNetSpec(256, 1.0, 1.0, 3),
+    'spinenet190': SpineNetSpec(512, 1.3, 1.0, 4),
+}
+
+RESNETS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
+
+BACKBONES = tuple(SPINENETS) + tuple(RESNETS)

@@ -1,0 +1,73 @@
+r"""Entry point: `python run.py --config=experiments/FILE.py[:variants] --workdir=DIR --mode=MODE`.
+
+Every config field can be overridden: `--config.model.mask_head.type=hourglass100`. The config
+is validated before any data is read; the resolved config is written to the workdir.
+"""
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, e.g. experiments/deepmarc_spinenet.py:demo.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where results, checkpoints and logs go.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'prepare', ['prepare'],
+    'prepare: build the dataset, check the input pipeline (speed, a preview PNG) and score the '
+    'oracle AP of the batch masks with the evaluator. The train/eval modes come with the '
+    'trainer.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str) -> None:
+  sys.stderr.write(f'FATAL: {message}\n')
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with config override errors (unknown field, bad type) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if 'Traceback' in message:  # an exception inside the config file: its last line says it
+      message = message.split('\n', 1)[0] + ' ' + message.strip().splitlines()[-1]
+    _fail(f'flag parsing error: {message}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown field as AttributeError("'typo'\nDid you mean ...").
+    detail = str(e).strip('"\'').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    overrides = [a for a in argv if a.startswith('--config.')]
+    _fail(f'unknown config field in {overrides}: {detail}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX
+
+  from deepmarc_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  with open(os.path.join(_WORKDIR.value, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  logging.info('config:\n%s', config)
+
+  if _MODE.value == 'prepare':
+    from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
+    prepare.run(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
