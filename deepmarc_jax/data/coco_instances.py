@@ -43,19 +43,21 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
       absolute. Empty with `synthetic=None` means: discover `annotations/instances_<split>.json`.
     archives: zip files in `manual_dir` extracted when the split folders are not there.
     synthetic: keyword arguments of `shapes.generate`; the data is generated, not read.
-    on_bad_input: 'skip' (drop and count bad images/annotations) or 'error'.
   """
   splits: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
   archives: tuple[str, ...] = ()
   synthetic: dict[str, Any] | None = None
-  on_bad_input: str = 'skip'
 
 
 SHAPES_DEFAULT = dict(splits={'train': 2000, 'validation': 200}, image_size=128, seed=0)
 
 
 class CocoInstances(tfds.core.GeneratorBasedBuilder):
-  """COCO-format instance segmentation with masks."""
+  """COCO-format instance segmentation with masks.
+
+  `on_bad_input` ('skip' or 'error') is a build-time policy, not part of the dataset's
+  identity: a build with 'error' either fails or writes exactly what 'skip' writes.
+  """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
@@ -84,6 +86,12 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   shapes needs nothing: it is generated.
   """
 
+  def __init__(self, *, on_bad_input: str = 'skip', **kwargs):
+    if on_bad_input not in coco_format.ON_BAD_INPUT:
+      raise ValueError(f'on_bad_input={on_bad_input!r}; allowed: {coco_format.ON_BAD_INPUT}')
+    self.on_bad_input = on_bad_input
+    super().__init__(**kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
@@ -105,9 +113,6 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config: CocoInstancesConfig = self.builder_config
-    if config.on_bad_input not in coco_format.ON_BAD_INPUT:
-      raise ValueError(f'on_bad_input={config.on_bad_input!r}; allowed: '
-                       f'{coco_format.ON_BAD_INPUT}')
     if config.synthetic is not None:
       splits = self._generate_synthetic(config.synthetic)
     else:
@@ -143,7 +148,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split_name: str, split: coco_format.CocoSplit):
     stats = coco_format.ReadStats()
     yield from coco_format.read_coco_split(
-        split, on_bad_input=self.builder_config.on_bad_input, stats=stats)
+        split, on_bad_input=self.on_bad_input, stats=stats)
     self.info.metadata.setdefault('read_stats', {})[split_name] = stats.as_dict()
     _merge_categories(self.info.metadata, stats.categories)
 

@@ -207,15 +207,11 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
 
   Synthetic data is generated on first use; real data needs `data_config.manual_dir`.
   """
-  kwargs = {}
+  kwargs = {'on_bad_input': data_config.on_bad_input}
   if data_config.get('data_dir'):
     kwargs['data_dir'] = os.path.expanduser(data_config.data_dir)
   builder = tfds.builder(data_config.tfds_name, **kwargs)
   if not builder.is_prepared():
-    policy = data_config.get('on_bad_input')
-    if policy and policy != builder.builder_config.on_bad_input:
-      config = dataclasses.replace(builder.builder_config, on_bad_input=policy)
-      builder = type(builder)(config=config, **kwargs)
     manual_dir = data_config.get('manual_dir')
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
