@@ -35,6 +35,14 @@ def _examples(ds):
       yield {k: v[i] for k, v in batch.items()}
 
 
+def test_decode_masks_matches_pycocotools(coco_mini_seg_builder, val_coco):
+  for ex in coco_mini_seg_builder.as_dataset(split='validation'):
+    h, w = ex['image'].shape[:2]
+    decoded = pipeline.decode_masks(ex['objects']['mask_rle'], h, w).numpy()
+    for k, ann_id in enumerate(ex['objects']['id'].numpy()):
+      np.testing.assert_array_equal(decoded[k], val_coco.annToMask(val_coco.anns[int(ann_id)]))
+
+
 @pytest.fixture(scope='module')
 def val_coco(coco_mini_seg_dir):
   return COCO(str(coco_mini_seg_dir / 'annotations' / VAL_JSON))

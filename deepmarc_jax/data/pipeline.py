@@ -83,9 +83,23 @@ def resample_boxes(images: tf.Tensor, boxes: tf.Tensor, out_h, out_w) -> tf.Tens
 
 
 def decode_masks(rle: tf.RaggedTensor, height, width) -> tf.Tensor:
-  """[K, None] ragged uncompressed COCO run lengths -> [K, H, W] uint8 masks."""
-  values = tf.cast(tf.ragged.range(rle.row_lengths()).flat_values % 2, tf.uint8)
-  flat = tf.repeat(values, tf.cast(rle.flat_values, tf.int32))
+  """[K, None] ragged uncompressed COCO run lengths -> [K, H, W] uint8 masks.
+
+  Each row's runs sum to H*W, so a cumulative sum over all runs gives every run's start in the
+  concatenated [K*H*W] buffer. Ones-runs (odd positions) add +1 at their start and -1 at their
+  end; a cumulative sum of those marks is the mask: O(K*H*W) work, where `tf.repeat` would
+  materialise [num_runs, longest_run].
+  """
+  counts = tf.cast(rle.flat_values, tf.int64)
+  ends = tf.cumsum(counts)
+  starts = ends - counts
+  is_one = tf.ragged.range(rle.row_lengths()).flat_values % 2 == 1
+  total = tf.cast(tf.shape(rle.row_lengths())[0], tf.int64) * tf.cast(height * width, tf.int64)
+  marks = tf.math.unsorted_segment_sum(
+      tf.concat([tf.ones_like(starts[is_one], tf.int32),
+                 -tf.ones_like(ends[is_one], tf.int32)], 0),
+      tf.concat([starts[is_one], ends[is_one]], 0), total + 1)
+  flat = tf.cast(tf.cumsum(marks[:-1]), tf.uint8)
   return tf.transpose(tf.reshape(flat, [-1, width, height]), [0, 2, 1])  # RLE is column-major
 
 
@@ -176,7 +190,7 @@ def _crop_masks(rle, out_boxes, flip, scale, offset, height, width, mask_size):
 
 def _transform_image(image, flip, scale, offset, visible, size):
   """Flip, resample the visible window to its input size, zero-pad to size x size (uint8)."""
-  image = tf.where(flip, tf.reverse(image, [1]), image)
+  image = tf.cast(tf.where(flip, tf.reverse(image, [1]), image), tf.float32)  # f32 resamples faster
   vis = tf.cast(visible, tf.int32)
   window = tf.concat([offset, offset + visible], 0) / scale
   resized = resample_boxes(image[None], window[None], vis[0], vis[1])[0]
