@@ -10,28 +10,31 @@ Convention (used by the tf.data pipeline, the models and the evaluator alike):
   * Pasting is the inverse: each image pixel whose centre lies inside the box [y1, y2) x [x1, x2)
     samples the m x m mask bilinearly at its centre, clamped to the mask; other pixels are 0.
 
-Both directions are separable bilinear resamplings, written here as two small matrix products
-`Wy @ mask @ Wx.T`, which keeps them exact and fast in numpy.
+Both directions are separable bilinear resamplings: interpolate rows, then columns, with two
+gathers each. (Plain numpy indexing, no BLAS: matrix products of these sizes wake BLAS threads
+that cost more than the work.)
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def _interp_matrix(positions: np.ndarray, size: int) -> np.ndarray:
-  """[len(positions), size] linear-interpolation weights at index-space `positions`.
+def _interp_indices(positions: np.ndarray, size: int):
+  """Neighbour indices (lo, hi) and weight of hi for linear interpolation at `positions`.
 
-  Positions are clamped to [0, size - 1] (border replication).
+  Positions are index-space coordinates clamped to [0, size - 1] (border replication).
   """
   pos = np.clip(np.asarray(positions, np.float64), 0.0, size - 1)
   lo = np.floor(pos).astype(np.int64)
-  hi = np.minimum(lo + 1, size - 1)
-  frac = pos - lo
-  weights = np.zeros((len(pos), size), np.float64)
-  rows = np.arange(len(pos))
-  np.add.at(weights, (rows, lo), 1.0 - frac)
-  np.add.at(weights, (rows, hi), frac)
-  return weights
+  return lo, np.minimum(lo + 1, size - 1), pos - lo
+
+
+def _resample(array: np.ndarray, rows, cols) -> np.ndarray:
+  """Separable bilinear resampling of a 2-D array at (rows x cols) `_interp_indices`."""
+  (r0, r1, fr), (c0, c1, fc) = rows, cols
+  array = np.asarray(array, np.float64)
+  tmp = array[r0] * (1.0 - fr)[:, None] + array[r1] * fr[:, None]
+  return tmp[:, c0] * (1.0 - fc) + tmp[:, c1] * fc
 
 
 def crop_mask_to_box(mask: np.ndarray, box, size: int) -> np.ndarray:
@@ -49,13 +52,8 @@ def crop_mask_to_box(mask: np.ndarray, box, size: int) -> np.ndarray:
   centres = (np.arange(size) + 0.5) / size
   ys = y1 + centres * (y2 - y1) - 0.5  # index space: pixel r has its centre at r
   xs = x1 + centres * (x2 - x1) - 0.5
-  wy = _interp_matrix(ys, height)
-  wx = _interp_matrix(xs, width)
-  # Only the rows/columns the box touches carry weight: slice before multiplying.
-  r0, r1 = np.nonzero(wy.any(0))[0][[0, -1]]
-  c0, c1 = np.nonzero(wx.any(0))[0][[0, -1]]
-  sub = np.asarray(mask[r0:r1 + 1, c0:c1 + 1], np.float64)
-  return (wy[:, r0:r1 + 1] @ sub @ wx[:, c0:c1 + 1].T).astype(np.float32)
+  return _resample(mask, _interp_indices(ys, height),
+                   _interp_indices(xs, width)).astype(np.float32)
 
 
 def paste_box_mask(box_mask: np.ndarray, box, height: int, width: int) -> np.ndarray:
@@ -78,9 +76,7 @@ def paste_box_mask(box_mask: np.ndarray, box, height: int, width: int) -> np.nda
     return out
   us = (np.arange(r0, r1) + 0.5 - y1) * m_h / (y2 - y1) - 0.5
   vs = (np.arange(c0, c1) + 0.5 - x1) * m_w / (x2 - x1) - 0.5
-  wy = _interp_matrix(us, m_h)
-  wx = _interp_matrix(vs, m_w)
-  out[r0:r1, c0:c1] = wy @ np.asarray(box_mask, np.float64) @ wx.T
+  out[r0:r1, c0:c1] = _resample(box_mask, _interp_indices(us, m_h), _interp_indices(vs, m_w))
   return out
 
 
