@@ -3,6 +3,7 @@ r"""Entry point: `python run.py --config=experiments/FILE.py[:variants] --workdi
 Every config field can be overridden: `--config.model.mask_head.type=hourglass100`. The config
 is validated before any data is read; the resolved config is written to the workdir.
 """
+import logging as logging_std
 import os
 import sys
 
@@ -46,9 +47,17 @@ def _parse_flags(argv):
     _fail(f'unknown config field in {overrides}: {detail}')
 
 
+class _QuietTfdsDeprecations(logging_std.Filter):
+  """TFDS 4.9.10 warns about its own internal `TensorInfo.dtype` use once per feature."""
+
+  def filter(self, record):
+    return 'TensorInfo.dtype` is deprecated' not in record.getMessage()
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietTfdsDeprecations())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only feeds data; keep accelerators for JAX
 

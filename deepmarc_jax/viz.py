@@ -43,8 +43,10 @@ def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None = Non
   return np.asarray(pil)
 
 
-def save_grid(images: Sequence[np.ndarray], path: str, cols: int = 4) -> None:
-  """Tiles equally sized [H, W, 3] uint8 images into one PNG."""
+def save_grid(images: Sequence[np.ndarray], path: str, cols: int = 4, zoom: int = 1) -> None:
+  """Tiles equally sized [H, W, 3] uint8 images into one PNG, enlarged `zoom` times."""
+  if zoom > 1:
+    images = [np.repeat(np.repeat(img, zoom, 0), zoom, 1) for img in images]
   rows = -(-len(images) // cols)
   h, w = images[0].shape[:2]
   grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)

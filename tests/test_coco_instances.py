@@ -39,7 +39,7 @@ def test_coco_mini_seg_builds_both_splits(coco_mini_seg_builder):
   assert len(info.metadata['categories']) == 80
 
 
-@pytest.mark.parametrize('split', ['validation', 'train'])
+@pytest.mark.parametrize('split', ['validation', pytest.param('train', marks=pytest.mark.slow)])
 def test_stored_instances_equal_pycocotools_decoding(coco_mini_seg_builder, coco_mini_seg_dir,
                                                      split):
   """Every stored mask/box/area/crowd flag equals what pycocotools reads from the JSON."""
