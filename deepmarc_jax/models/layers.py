@@ -19,6 +19,9 @@ Dtype = Any
 glorot_uniform = nn.initializers.glorot_uniform()
 # Model Garden heads: VarianceScaling(scale=2, mode='fan_out', distribution='untruncated_normal').
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Keras' VarianceScaling() defaults (scale 1, fan_in, truncated normal): the string
+# 'VarianceScaling' Model Garden passes to its ResNet, SpineNet and FPN convs.
+variance_scaling = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +48,27 @@ class ConvBN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    """x: [N, H, W, C]; mask: optional [N] bool, the examples BatchNorm statistics use."""
     x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.strides,) * 2,
                 padding=self.padding, use_bias=False, kernel_init=self.kernel_init,
                 dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.norm.momentum,
-                     epsilon=self.norm.epsilon, axis_name=self.norm.axis_name,
-                     dtype=self.dtype)(x)
+    x = batch_norm(x, train, self.norm, self.dtype, mask)
     return self.activation(x) if self.activation is not None else x
+
+
+def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
+               mask: jax.Array | None = None, name: str | None = None) -> jax.Array:
+  """BatchNorm over all but the last axis; `mask` [N] limits the statistics to real examples.
+
+  Padded examples (e.g. empty mask-head slots) then change neither the normalisation of the
+  real ones nor the running statistics. Must be called inside a compact module.
+  """
+  if mask is not None:
+    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape)
+  return nn.BatchNorm(use_running_average=not train, momentum=norm.momentum,
+                      epsilon=norm.epsilon, axis_name=norm.axis_name, dtype=dtype,
+                      name=name)(x, mask=mask)
 
 
 def count_params(tree) -> int:
