@@ -160,11 +160,12 @@ def mask_image_builder(tmp_path_factory):
   return builder
 
 
-def _train_examples(builder, seed, count, **overrides):
+def _train_examples(builder, seed, count, start_step=0, steps=1, **overrides):
   config = _data_config(tfds_name='coco_instances/custom', image_size=128, mask_size=64,
                         mask_classes='all', **overrides)
-  ds = pipeline.train_dataset(config, builder, batch_size=count, seed=seed)
-  return list(_examples(ds.take(1)))
+  ds = pipeline.train_dataset(config, builder, batch_size=count, seed=seed,
+                              start_step=start_step)
+  return list(_examples(ds.take(steps)))
 
 
 def test_flip_and_scale_jitter_move_image_boxes_and_masks_together(mask_image_builder):
@@ -192,22 +193,30 @@ def test_flip_and_scale_jitter_move_image_boxes_and_masks_together(mask_image_bu
 
 
 def test_flips_happen_and_a_flip_mirrors_the_example(mask_image_builder):
-  """Same seed and scale => the two hflip settings give mirror images or equal images."""
+  """Same seed and scale: with hflip on, some examples are mirror images of the hflip=False ones.
+
+  The flip is applied to the original image (x -> W - x), so boxes mirror about W * scale; the
+  pixels mirror exactly when W * scale is a whole number of pixels.
+  """
   plain = _train_examples(mask_image_builder, seed=5, count=12, hflip=False,
                           scale_jitter=(1.0, 1.0))
   flipped = _train_examples(mask_image_builder, seed=5, count=12, scale_jitter=(1.0, 1.0))
-  mirrored = 0
+  mirrored = exact_pixels = 0
   for a, b in zip(plain, flipped):
     assert a['image_id'] == b['image_id']
     if np.array_equal(a['image'], b['image']):
       continue
-    vw = int(round(a['image_info'][1] * a['image_info'][3]))
-    np.testing.assert_array_equal(b['image'][:, :vw], a['image'][:, vw - 1::-1])
-    n = int(a['gt_valid'].sum())
-    np.testing.assert_allclose(b['gt_boxes'][:n, 1], vw - a['gt_boxes'][:n, 3], atol=1e-3)
-    np.testing.assert_allclose(b['gt_masks'][:n], a['gt_masks'][:n, :, ::-1], atol=1e-4)
     mirrored += 1
-  assert 0 < mirrored < len(plain)
+    scaled_width = a['image_info'][1] * a['image_info'][3]
+    n = int(a['gt_valid'].sum())
+    np.testing.assert_allclose(b['gt_boxes'][:n, 1], scaled_width - a['gt_boxes'][:n, 3],
+                               atol=1e-3)
+    np.testing.assert_allclose(b['gt_masks'][:n], a['gt_masks'][:n, :, ::-1], atol=1e-4)
+    if abs(scaled_width - round(scaled_width)) < 1e-6:
+      vw = int(round(scaled_width))
+      np.testing.assert_array_equal(b['image'][:, :vw], a['image'][:, vw - 1::-1])
+      exact_pixels += 1
+  assert 0 < mirrored < len(plain) and exact_pixels > 0
 
 
 def test_training_stream_is_deterministic_per_seed(mask_image_builder):
@@ -218,3 +227,15 @@ def test_training_stream_is_deterministic_per_seed(mask_image_builder):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert any(not np.array_equal(x['image'], z['image']) for x, z in zip(a, c))
+
+
+def test_resuming_at_step_s_feeds_the_same_batches(mask_image_builder):
+  """6 images, batches of 4: steps 0..4 cross epochs; a stream started at step 3 matches."""
+  full = _train_examples(mask_image_builder, seed=7, count=4, steps=5)
+  resumed = _train_examples(mask_image_builder, seed=7, count=4, start_step=3, steps=2)
+  for x, y in zip(full[12:], resumed):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  # Every epoch visits each image once, in a different order.
+  ids = [int(ex['image_id']) for ex in full]
+  assert sorted(ids[:6]) == sorted(ids[6:12]) == list(range(1, 7)) and ids[:6] != ids[6:12]

@@ -246,22 +246,42 @@ def make_spec(data_config, builder: tfds.core.DatasetBuilder, *, train: bool) ->
 
 
 def train_dataset(data_config, builder: tfds.core.DatasetBuilder, *, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
   """Infinite, shuffled, augmented batches of this process's shard of the train split.
+
+  The stream is a pure function of (seed, process, step): batch s is the same whether training
+  started at step 0 or resumed at step s. Epoch e is the shard in its stored order shuffled
+  with a buffer seeded by (seed, e); resuming skips the records already used in the current
+  epoch before they are decoded, so it costs a TFRecord scan, not a decode.
 
   Args:
     batch_size: the per-process batch (global batch / process_count).
+    start_step: the first step this stream feeds (the restored checkpoint's step).
   """
   spec = make_spec(data_config, builder, train=True)
-  split = tfds.even_splits(data_config.train_split, process_count, drop_remainder=True)
-  ds = builder.as_dataset(
-      split=split[process_index], shuffle_files=True,
-      read_config=tfds.ReadConfig(shuffle_seed=seed + process_index, try_autocache=False))
-  ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed + process_index)
-  ds = ds.enumerate()
-  ds = ds.map(
-      lambda i, ex: preprocess(ex, spec, _example_seed(seed + 7919 * process_index, i)),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  shard = tfds.even_splits(data_config.train_split, process_count, drop_remainder=True)[
+      process_index]
+  num_examples = builder.info.splits[shard].num_examples
+  if num_examples == 0:
+    raise ValueError(f'{data_config.tfds_name} split {data_config.train_split!r} has no '
+                     f'examples for process {process_index} of {process_count}')
+  consumed = start_step * batch_size
+  first_epoch, offset = divmod(consumed, num_examples)
+  records = builder.as_dataset(split=shard, shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})
+  process_seed = seed * 1_000_003 + process_index
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(
+      lambda epoch: records.shuffle(data_config.shuffle_buffer,
+                                    seed=process_seed * 100_003 + epoch))
+  ds = ds.skip(offset).enumerate(start=consumed)
+  decode_image = builder.info.features['image'].decode_example
+
+  def augment(index, example):
+    example = dict(example, image=decode_image(example['image']))
+    return preprocess(example, spec, _example_seed(process_seed, index))
+
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
