@@ -55,8 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=91,               # COCO ids 1..90 + background 0
       min_level=2,
       max_level=6,
-      backbone=dict(type='resnet50', stochastic_depth=0.0, bn_momentum=0.99, bn_epsilon=1e-3),
+      # Model Garden's ResNet-FPN Mask R-CNN: BN momentum 0.997, eps 1e-4 (SpineNet: 0.99, 1e-3).
+      backbone=dict(type='resnet50', stochastic_depth=0.0, bn_momentum=0.997, bn_epsilon=1e-4),
       anchor=dict(num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=8.0),
+      fpn_filters=256,              # FPN decoder width (ResNet backbones)
+      width_multiplier=1.0,         # backbone channel scale (narrow models for tests/demo)
+      rpn=dict(samples_per_image=256, positive_fraction=0.5, pre_nms_top_k=2000,
+               nms_threshold=0.7, num_proposals=1000, test_num_proposals=1000),
+      roi_sampler=dict(samples_per_image=512, foreground_fraction=0.25, foreground_iou=0.5),
+      detection=dict(pre_nms_top_k=5000, score_threshold=0.05, nms_threshold=0.5,
+                     max_detections=100),
+      box_head=dict(num_convs=4, num_filters=256, num_fcs=1, fc_dims=1024, crop_size=7),
       mask_head=dict(
           type='hourglass52',
           num_filters=64,

@@ -31,6 +31,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -210,6 +211,12 @@ def padding_example(spec: PreprocessSpec) -> dict[str, tf.Tensor]:
       'image_id': tf.constant(-1, tf.int32), 'example_valid': tf.constant(False),
       'num_dropped_instances': tf.constant(0, tf.int32),
   }
+
+
+def dummy_batch(spec: PreprocessSpec, batch_size: int) -> dict[str, np.ndarray]:
+  """A batch of `padding_example`s as numpy (shapes/dtypes for model init and tracing)."""
+  example = {k: v.numpy() for k, v in padding_example(spec).items()}
+  return {k: np.repeat(v[None], batch_size, axis=0) for k, v in example.items()}
 
 
 # ---------------------------------------------------------------------------------------------

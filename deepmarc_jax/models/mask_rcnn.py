@@ -1,0 +1,318 @@
+"""Deep-MARC: Mask R-CNN whose mask head trains on ground-truth-box crops, with deep mask heads.
+
+`MaskRCNN` (flax.linen) has three entry points:
+  * `__call__(batch, train=True)`: the training forward. It samples its own targets (RPN
+    anchors, second-stage ROIs, mask-head instances) with the 'sampling' rng and returns
+    everything `loss()` needs.
+  * `detect(images)`: boxes, scores, classes and box-relative mask probabilities of the top
+    detections (class-aware NMS), in input-image pixels.
+  * `segment_boxes(images, boxes)`: mask probabilities for boxes a user gives (no detector),
+    the Deep-MAC colab / Model Garden `call_images_and_boxes` path.
+
+Mask-head training crops (`model.mask_head.train_crops`):
+  * 'gt' (Deep-MARC's use_gt_boxes_for_masks): up to `max_train_instances` real, mask-allowed
+    GT instances per image (a random subset when there are more); ROIAlign on their GT boxes;
+    targets are their GT masks resampled to the head's output size.
+  * 'proposals' (Mask R-CNN's default): up to `max_train_instances` foreground sampled ROIs per
+    image whose matched GT is mask-allowed; targets are the matched GT masks resampled into the
+    ROI (`roi_align.crop_mask_targets`).
+Empty slots get weight 0 and are excluded from the mask head's BatchNorm statistics (masked
+BN), so padding changes neither the loss nor the gradients.
+
+Images are uint8 and normalised here with Model Garden's ImageNet mean/std (RGB, 0-255).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepmarc_jax import losses
+from deepmarc_jax.models import fpn as fpn_lib
+from deepmarc_jax.models import layers
+from deepmarc_jax.models import mask_heads
+from deepmarc_jax.models import resnet as resnet_lib
+from deepmarc_jax.models import roi_heads
+from deepmarc_jax.models import rpn as rpn_lib
+from deepmarc_jax.ops import anchors as anchor_ops
+from deepmarc_jax.ops import boxes as box_ops
+from deepmarc_jax.ops import matching
+from deepmarc_jax.ops import nms as nms_ops
+from deepmarc_jax.ops import roi_align
+
+MEAN_RGB = (123.675, 116.28, 103.53)
+STDDEV_RGB = (58.395, 57.12, 57.375)
+RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static numbers of a Mask R-CNN, resolved from `config.model` and `config.data`."""
+  image_size: int
+  num_classes: int
+  min_level: int
+  max_level: int
+  backbone: str
+  width_multiplier: float
+  fpn_filters: int
+  anchor: tuple  # (num_scales, aspect_ratios, anchor_size)
+  rpn: tuple  # (samples_per_image, positive_fraction, pre_nms_top_k, nms, train, test props)
+  roi_sampler: tuple  # (samples_per_image, foreground_fraction, foreground_iou)
+  detection: tuple  # (pre_nms_top_k, score_threshold, nms_threshold, max_detections)
+  box_head: tuple  # (num_convs, num_filters, num_fcs, fc_dims, crop_size)
+  mask_head_type: str
+  mask_filters: int
+  mask_crop_size: int
+  train_crops: str
+  max_train_instances: int
+  norm: layers.NormConfig
+  dtype: Any
+
+
+class MaskRCNN(nn.Module):
+  settings: Settings
+
+  @classmethod
+  def from_config(cls, config) -> MaskRCNN:
+    m = config.model
+    return cls(Settings(
+        image_size=config.data.image_size, num_classes=m.num_classes,
+        min_level=m.min_level, max_level=m.max_level, backbone=m.backbone.type,
+        width_multiplier=m.width_multiplier, fpn_filters=m.fpn_filters,
+        anchor=(m.anchor.num_scales, tuple(m.anchor.aspect_ratios), m.anchor.anchor_size),
+        rpn=(m.rpn.samples_per_image, m.rpn.positive_fraction, m.rpn.pre_nms_top_k,
+             m.rpn.nms_threshold, m.rpn.num_proposals, m.rpn.test_num_proposals),
+        roi_sampler=(m.roi_sampler.samples_per_image, m.roi_sampler.foreground_fraction,
+                     m.roi_sampler.foreground_iou),
+        detection=(m.detection.pre_nms_top_k, m.detection.score_threshold,
+                   m.detection.nms_threshold, m.detection.max_detections),
+        box_head=(m.box_head.num_convs, m.box_head.num_filters, m.box_head.num_fcs,
+                  m.box_head.fc_dims, m.box_head.crop_size),
+        mask_head_type=m.mask_head.type, mask_filters=m.mask_head.num_filters,
+        mask_crop_size=m.mask_head.crop_size, train_crops=m.mask_head.train_crops,
+        max_train_instances=m.mask_head.max_train_instances,
+        norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
+        dtype=_DTYPES[m.compute_dtype]))
+
+  def setup(self):
+    s = self.settings
+    if not s.backbone.startswith('resnet'):
+      raise NotImplementedError(f'backbone {s.backbone!r}: SpineNet arrives with issue 4; '
+                                'use resnet50 or resnet101')
+    self.backbone = resnet_lib.ResNet(depth=int(s.backbone[len('resnet'):]),
+                                      width_multiplier=s.width_multiplier, norm=s.norm,
+                                      dtype=s.dtype)
+    self.decoder = fpn_lib.FPN(min_level=s.min_level, max_level=s.max_level,
+                               num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
+    num_scales, ratios, _ = s.anchor
+    self.rpn_head = rpn_lib.RPNHead(num_anchors=num_scales * len(ratios),
+                                    num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
+    num_convs, num_filters, num_fcs, fc_dims, _ = s.box_head
+    self.detection_head = roi_heads.DetectionHead(
+        num_classes=s.num_classes, num_convs=num_convs, num_filters=num_filters,
+        num_fcs=num_fcs, fc_dims=fc_dims, norm=s.norm, dtype=s.dtype)
+    self.mask_head = mask_heads.MaskHead(type=s.mask_head_type, num_filters=s.mask_filters,
+                                         dtype=s.dtype)
+
+  # -- shared pieces ----------------------------------------------------------------------------
+
+  def anchors(self) -> dict[int, np.ndarray]:
+    s = self.settings
+    num_scales, ratios, size = s.anchor
+    return anchor_ops.multilevel_anchors(s.min_level, s.max_level, num_scales, ratios, size,
+                                         (s.image_size, s.image_size))
+
+  def features(self, images: jax.Array, train: bool) -> dict[int, jax.Array]:
+    """uint8 [B, S, S, 3] -> {level: [B, S/2^l, S/2^l, C]}."""
+    x = (images.astype(jnp.float32) - jnp.array(MEAN_RGB)) / jnp.array(STDDEV_RGB)
+    return self.decoder(self.backbone(x.astype(self.settings.dtype), train=train), train=train)
+
+  def proposals(self, features, image_hw, train: bool):
+    """RPN outputs and proposals [B, P, 4] (stop-gradient), with validity [B, P]."""
+    s = self.settings
+    scores, deltas = self.rpn_head(features, train=train)
+    num_props = s.rpn[4] if train else s.rpn[5]
+    select = lambda d, l, h, w: nms_ops.select_proposals(  # noqa: E731
+        d, l, self.anchors(), h, w, pre_nms_top_k=s.rpn[2], iou_threshold=s.rpn[3],
+        num_proposals=num_props)
+    boxes, _, valid = jax.vmap(select)(
+        jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in deltas.items()}),
+        jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in scores.items()}),
+        image_hw[:, 0], image_hw[:, 1])
+    return scores, deltas, boxes, valid
+
+  def box_head(self, features, rois, train: bool, valid=None):
+    """ROIs [B, R, 4] -> class logits [B, R, K], box deltas [B, R, K, 4]."""
+    batch, num_rois = rois.shape[:2]
+    crops = roi_align.multilevel_roi_align(features, rois, self.settings.box_head[4])
+    crops = crops.reshape((batch * num_rois,) + crops.shape[2:])
+    logits, deltas = self.detection_head(
+        crops, train=train, mask=None if valid is None else valid.reshape(-1))
+    return (logits.reshape(batch, num_rois, -1),
+            deltas.reshape(batch, num_rois, deltas.shape[1], 4))
+
+  def mask_logits(self, features, boxes, classes, train: bool, valid=None):
+    """Boxes [B, N, 4] -> mask logits [B, N, m, m] (m = 2 * crop size)."""
+    batch, num = boxes.shape[:2]
+    crops = roi_align.multilevel_roi_align(features, boxes, self.settings.mask_crop_size)
+    crops = crops.reshape((batch * num,) + crops.shape[2:])
+    logits = self.mask_head(crops, classes.reshape(-1), train=train,
+                            mask=None if valid is None else valid.reshape(-1))
+    return logits.reshape((batch, num) + logits.shape[1:])
+
+  # -- training ---------------------------------------------------------------------------------
+
+  def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> dict[str, jax.Array]:
+    s = self.settings
+    features = self.features(batch['image'], train)
+    image_hw = _valid_image_hw(batch['image_info'], s.image_size)
+    scores, deltas, proposals, proposal_valid = self.proposals(features, image_hw, train)
+    gt_boxes, gt_classes = batch['gt_boxes'], batch['gt_classes']
+    gt_valid = batch['gt_valid'] & ~batch['gt_is_crowd']
+    rng = self.make_rng('sampling')
+    rpn_key, roi_key, mask_key = jax.random.split(rng, 3)
+    batch_size = gt_boxes.shape[0]
+
+    # RPN targets.
+    flat_anchors = jnp.asarray(anchor_ops.flatten_levels(self.anchors()))
+    rpn_labels, rpn_targets = jax.vmap(self._rpn_targets, in_axes=(None, 0, 0, 0))(
+        flat_anchors, gt_boxes, gt_valid, jax.random.split(rpn_key, batch_size))
+    # [B, H, W, A(*4)] per level -> [B, sum H*W*A(, 4)], the order of `flatten_levels`.
+    rpn_logits = jnp.concatenate([scores[k].reshape(batch_size, -1) for k in sorted(scores)], 1)
+    rpn_deltas = jnp.concatenate(
+        [deltas[k].reshape(batch_size, -1, 4) for k in sorted(deltas)], 1)
+
+    # Second stage: sample ROIs among proposals + GT, classify and regress.
+    sampled = jax.vmap(lambda p, pv, b, c, v, k: matching.sample_rois(
+        p, pv, b, c, v, k, num_samples=s.roi_sampler[0], fg_fraction=s.roi_sampler[1],
+        fg_iou=s.roi_sampler[2], bg_iou_hi=s.roi_sampler[2]))(
+            proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+            jax.random.split(roi_key, batch_size))
+    rois = jax.lax.stop_gradient(sampled['rois'])
+    class_logits, box_deltas = self.box_head(features, rois, train, sampled['valid'])
+    matched_boxes = jnp.take_along_axis(gt_boxes, sampled['matched_gt'][..., None], axis=1)
+    box_targets = box_ops.encode(matched_boxes, rois, BOX_WEIGHTS)
+
+    # Mask head on GT boxes (Deep-MARC) or foreground proposals (Mask R-CNN).
+    mask_boxes, mask_targets, mask_weights = self._mask_training_inputs(
+        batch, sampled, gt_valid, mask_key)
+    mask_classes = jnp.take_along_axis(gt_classes, mask_targets['gt_index'], axis=1)
+    mask_logits = self.mask_logits(features, mask_boxes, mask_classes, train, mask_weights)
+    return {
+        'rpn_logits': rpn_logits, 'rpn_labels': rpn_labels,
+        'rpn_deltas': rpn_deltas, 'rpn_targets': rpn_targets,
+        'class_logits': class_logits, 'roi_classes': sampled['classes'],
+        'roi_valid': sampled['valid'], 'roi_foreground': sampled['is_fg'],
+        'box_deltas': box_deltas, 'box_targets': box_targets,
+        'mask_logits': mask_logits, 'mask_targets': mask_targets['masks'],
+        'mask_weights': mask_weights,
+    }
+
+  def _rpn_targets(self, anchors, gt_boxes, gt_valid, key):
+    """One image: anchor labels (1 / 0 / -1 not sampled) [A] and box targets [A, 4]."""
+    s = self.settings
+    matched, labels = matching.match(box_ops.iou(anchors, gt_boxes), gt_valid, 0.7, 0.3,
+                                     allow_low_quality=True)
+    index, sampled_labels, sample_valid = matching.sample_balanced(labels, key, s.rpn[0],
+                                                                   s.rpn[1])
+    num_anchors = anchors.shape[0]
+    out = jnp.full([num_anchors], -1, jnp.int32).at[
+        jnp.where(sample_valid, index, num_anchors)].set(sampled_labels, mode='drop')
+    targets = box_ops.encode(gt_boxes[matched], anchors, RPN_WEIGHTS)
+    return out, jnp.where((out == 1)[:, None], targets, 0.0)
+
+  def _mask_training_inputs(self, batch, sampled, gt_valid, key):
+    """Boxes [B, K, 4], {'masks': targets [B, K, m, m], 'gt_index': [B, K]}, weights [B, K]."""
+    s = self.settings
+    out_size = 2 * s.mask_crop_size
+    allowed = gt_valid & batch['gt_mask_allowed']
+    k = min(s.max_train_instances, allowed.shape[1] if s.train_crops == 'gt'
+            else sampled['rois'].shape[1])
+    if s.train_crops == 'gt':
+      candidates = allowed
+    else:
+      matched_allowed = jnp.take_along_axis(allowed, sampled['matched_gt'], axis=1)
+      candidates = sampled['is_fg'] & matched_allowed
+    # A random subset of the candidates, in fixed-size slots.
+    noise = jax.random.uniform(key, candidates.shape)
+    _, index = jax.lax.top_k(jnp.where(candidates, noise, -1.0), k)
+    weights = jnp.take_along_axis(candidates, index, axis=1)
+    if s.train_crops == 'gt':
+      gt_index = index
+      boxes = jnp.take_along_axis(batch['gt_boxes'], index[..., None], axis=1)
+    else:
+      gt_index = jnp.take_along_axis(sampled['matched_gt'], index, axis=1)
+      boxes = jnp.take_along_axis(sampled['rois'], index[..., None], axis=1)
+    gt_masks = jnp.take_along_axis(batch['gt_masks'], gt_index[..., None, None], axis=1)
+    gt_boxes = jnp.take_along_axis(batch['gt_boxes'], gt_index[..., None], axis=1)
+    targets = jax.vmap(roi_align.crop_mask_targets, in_axes=(0, 0, 0, None))(
+        gt_masks.astype(jnp.float32), gt_boxes, boxes, out_size)
+    return (jax.lax.stop_gradient(boxes),
+            {'masks': jax.lax.stop_gradient(targets), 'gt_index': gt_index},
+            weights.astype(jnp.float32))
+
+  # -- inference --------------------------------------------------------------------------------
+
+  def detect(self, images: jax.Array, image_info: jax.Array | None = None) -> dict[str, jax.Array]:
+    """images uint8 [B, S, S, 3] -> top detections per image, boxes in input-image pixels.
+
+    Returns dict of boxes [B, D, 4], scores [B, D], classes [B, D] int32 (0 = none),
+    masks [B, D, m, m] probabilities (box-relative), valid [B, D].
+    """
+    s = self.settings
+    features = self.features(images, train=False)
+    image_hw = _valid_image_hw(image_info, s.image_size, images.shape[0])
+    _, _, proposals, proposal_valid = self.proposals(features, image_hw, train=False)
+    class_logits, box_deltas = self.box_head(features, proposals, train=False)
+    probs = jax.nn.softmax(class_logits, axis=-1)
+    boxes = box_ops.decode(box_deltas, proposals[:, :, None, :], BOX_WEIGHTS)
+    boxes = box_ops.clip_boxes(boxes, image_hw[:, 0, None, None, None],
+                               image_hw[:, 1, None, None, None])
+    pre_nms, threshold, nms_threshold, max_dets = s.detection
+    dets = jax.vmap(lambda b, p, v: nms_ops.class_aware_nms(
+        b, p, v, score_threshold=threshold, pre_nms_top_k=pre_nms, iou_threshold=nms_threshold,
+        max_detections=max_dets))(boxes, probs, proposal_valid)
+    masks = self.mask_logits(features, dets['boxes'], dets['classes'], train=False)
+    dets['masks'] = jax.nn.sigmoid(masks.astype(jnp.float32))
+    return dets
+
+  def segment_boxes(self, images: jax.Array, boxes: jax.Array,
+                    classes: jax.Array | None = None) -> jax.Array:
+    """Mask probabilities [B, N, m, m] for user boxes [B, N, 4] (input-image pixels)."""
+    features = self.features(images, train=False)
+    if classes is None:
+      classes = jnp.ones(boxes.shape[:2], jnp.int32)
+    return jax.nn.sigmoid(self.mask_logits(features, boxes, classes, train=False)
+                          .astype(jnp.float32))
+
+
+def _valid_image_hw(image_info, image_size: int, batch_size: int | None = None) -> jax.Array:
+  """[B, 2] height/width of the real (unpadded) image region in input pixels."""
+  if image_info is None:
+    return jnp.full([batch_size, 2], float(image_size))
+  return jnp.minimum(image_info[:, :2] * image_info[:, 2:4], float(image_size))
+
+
+def loss(outputs: dict[str, jax.Array], model_config) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss (Model Garden's weights, all 1) and its parts."""
+  parts = {
+      'rpn_score_loss': losses.rpn_score_loss(outputs['rpn_logits'], outputs['rpn_labels'],
+                                              model_config.rpn.samples_per_image),
+      'rpn_box_loss': losses.rpn_box_loss(outputs['rpn_deltas'], outputs['rpn_targets'],
+                                          outputs['rpn_labels'] == 1),
+      'class_loss': losses.frcnn_class_loss(outputs['class_logits'], outputs['roi_classes'],
+                                            outputs['roi_valid']),
+      'box_loss': losses.frcnn_box_loss(outputs['box_deltas'], outputs['roi_classes'],
+                                        outputs['box_targets'], outputs['roi_foreground']),
+      'mask_loss': losses.mask_loss(outputs['mask_logits'], outputs['mask_targets'],
+                                    outputs['mask_weights']),
+  }
+  total = sum(parts.values())
+  return total, dict(parts, loss=total)

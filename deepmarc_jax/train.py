@@ -1,0 +1,234 @@
+"""The one trainer: `train_and_evaluate(config, workdir)`.
+
+Sections (as in big_vision's train.py): mesh -> input -> model and optimizer -> state, sharded
+at creation or restored -> jitted update step -> loop (metrics, checkpoints, preemption,
+periodic evaluation) -> final evaluation.
+
+Parallelism is `jax.jit` with shardings: the global batch is split over the mesh's 'data' axis,
+the train state is replicated, so BatchNorm statistics are global. One compile per config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow_datasets as tfds
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+
+from deepmarc_jax import checkpoint
+from deepmarc_jax import evaluate
+from deepmarc_jax import optimizers
+from deepmarc_jax import sharding
+from deepmarc_jax.data import class_splits
+from deepmarc_jax.data import groundtruth
+from deepmarc_jax.data import pipeline
+from deepmarc_jax.models import mask_rcnn
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from the config that the loop and the evaluator share."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  builder: Any
+  model: mask_rcnn.MaskRCNN
+  tx: optax.GradientTransformation
+  split_ids: dict[str, list[int]]
+
+
+def setup(config) -> Experiment:
+  mesh = sharding.make_mesh(config.mesh)
+  if config.train.batch_size % mesh.shape['data']:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                     f'the {mesh.shape["data"]} devices of the mesh\'s data axis')
+  builder = pipeline.get_builder(config.data)
+  category_ids = pipeline.category_ids(builder)
+  seen = class_splits.resolve_mask_classes(config.data.mask_classes, category_ids)
+  model = mask_rcnn.MaskRCNN.from_config(config)
+  tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
+  return Experiment(config, mesh, builder, model, tx,
+                    class_splits.split_of(seen, category_ids))
+
+
+def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
+  """Initialises the train state directly into its (replicated) shardings."""
+  spec = pipeline.make_spec(exp.config.data, exp.builder, train=True)
+  dummy = pipeline.dummy_batch(spec, batch_size=exp.mesh.shape['data'])
+
+  def init(rng):
+    variables = exp.model.init({'params': rng, 'sampling': rng}, dummy, train=True)
+    params = variables['params']
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=exp.tx.init(params))
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(exp.mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_train_step(exp: Experiment):
+  """(state, batch, rng) -> (state, metrics); the state is donated.
+
+  A non-finite loss or gradient leaves the state unchanged (metrics['finite'] = 0), so the
+  state, and any checkpoint of it, is always the last good one.
+  """
+  model, tx = exp.model, exp.tx
+
+  def loss_fn(params, batch_stats, batch, rng):
+    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch,
+                                   train=True, rngs={'sampling': rng}, mutable=['batch_stats'])
+    loss, metrics = mask_rcnn.loss(outputs, exp.config.model)
+    return loss, (metrics, updates['batch_stats'])
+
+  def train_step(state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(optax.global_norm(grads))
+    new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                     opt_state=opt_state)
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = dict(metrics, finite=finite.astype(jnp.float32),
+                   grad_norm=optax.global_norm(grads))
+    return new, metrics
+
+  replicated = sharding.replicated(exp.mesh)
+  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def make_detect(exp: Experiment):
+  """Jitted `images [B,S,S,3] uint8 -> detections` (see MaskRCNN.detect), replicated outputs."""
+  def detect(state: TrainState, images):
+    return exp.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                           method=mask_rcnn.MaskRCNN.detect)
+  return jax.jit(detect, out_shardings=sharding.replicated(exp.mesh))
+
+
+def evaluate_model(exp: Experiment, state: TrainState, detect=None, *,
+                   max_batches: int | None = None) -> dict:
+  """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split."""
+  config = exp.config
+  detect = detect or make_detect(exp)
+  evaluator = evaluate.CocoEvaluator(
+      groundtruth.coco_groundtruth(exp.builder, config.data.eval_split),
+      seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
+      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+  ds = pipeline.eval_dataset(config.data, exp.builder,
+                             batch_size=config.eval.batch_size // jax.process_count(),
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  for i, batch in enumerate(tfds.as_numpy(ds)):
+    if max_batches is not None and i >= max_batches:
+      break
+    images = sharding.global_batch({'image': batch['image']}, exp.mesh)['image']
+    dets = jax.device_get(detect(state, images))
+    # This process scores its own examples (the detections are replicated).
+    lo = jax.process_index() * len(batch['image'])
+    dets = jax.tree_util.tree_map(lambda x: x[lo:lo + len(batch['image'])], dets)
+    scale = batch['image_info'][:, 2, None, None]
+    evaluator.add_predictions(batch['image_id'], dets['boxes'] / scale, dets['scores'],
+                              dets['classes'], dets['masks'], batch['example_valid'])
+  return evaluator.evaluate()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the final
+  evaluation results (also written to workdir/eval_<step>.json)."""
+  exp = setup(config)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.train.checkpoint_every_steps)
+  rng = jax.random.key(config.seed)
+  state = init_state(exp, rng)
+  if ckpt.latest_step() is not None:  # resume first
+    state = ckpt.restore(checkpoint.abstract(state))
+    logging.info('resumed from step %d', int(state.step))
+  start_step = int(state.step)
+  total_steps = config.train.total_steps
+
+  batches = tfds.as_numpy(pipeline.train_dataset(
+      config.data, exp.builder, batch_size=config.train.batch_size // jax.process_count(),
+      seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+  train_step = make_train_step(exp)
+  detect = make_detect(exp)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  preempted = checkpoint.PreemptionFlag()
+  step_rng = jax.random.fold_in(rng, 1)
+  history, results = [], None
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(next(batches), exp.mesh)
+        state, metrics = train_step(state, batch, step_rng)
+      history.append(metrics)
+      report(step)
+      last = step == total_steps
+      if step % config.train.log_every_steps == 0 or last or preempted:
+        summary = _summarise(history)
+        history = []
+        if summary['finite'] < 1.0:
+          raise NonFiniteLossError(
+              f'non-finite loss or gradient at a step in ({step - config.train.log_every_steps}'
+              f', {step}]; the state was not updated by those steps, and checkpoints hold the '
+              f'last good state (latest: {ckpt.latest_step()}). Lower the learning rate or '
+              'check the data.')
+        writer.write_scalars(step, summary)
+        logging.info('step %d: %s', step, {k: round(v, 4) for k, v in summary.items()})
+      if ckpt.save(step, state, force=last or bool(preempted)):
+        logging.info('checkpoint at step %d', step)
+      if preempted:
+        logging.warning('SIGTERM: checkpointed step %d and stopping', step)
+        break
+      if step % config.eval.every_steps == 0 or last:
+        with report.timed('eval'):
+          results = evaluate_model(exp, state, detect)
+        _write_results(writer, workdir, step, results)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    preempted.close()
+    writer.flush()
+  if results is None:  # nothing left to train: evaluate the restored state
+    results = evaluate_model(exp, state, detect)
+    _write_results(writer, workdir, int(state.step), results)
+  return results
+
+
+def _summarise(history: list[dict]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _write_results(writer, workdir: str, step: int, results: dict) -> None:
+  scalars = {f'{iou}/{name}': results[iou][name]
+             for iou in evaluate.IOU_TYPES for name in evaluate.STAT_NAMES}
+  scalars.update({f'{iou}/{split}_AP': results[iou][split]['AP']
+                  for iou in evaluate.IOU_TYPES for split in evaluate.SPLITS})
+  writer.write_scalars(step, {k: v for k, v in scalars.items() if np.isfinite(v)})
+  if jax.process_index() == 0:
+    evaluate.write_json(results, os.path.join(workdir, f'eval_{step}.json'))
+    print(f'step {step} evaluation, %:\n{evaluate.format_table(results)}', flush=True)
