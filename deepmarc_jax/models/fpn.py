@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepmarc_jax.models.layers import Dtype, NormConfig, variance_scaling
+from deepmarc_jax.models.layers import Dtype, NormConfig, batch_norm, variance_scaling
 
 
 def nearest_upsample_x2(x: jax.Array) -> jax.Array:
@@ -58,8 +58,6 @@ class FPN(nn.Module):
         x = nn.relu(x)
       feats[level] = conv((3, 3), (2, 2), name=f'coarser_{level}')(x)
     return {
-        level: nn.BatchNorm(use_running_average=not train, momentum=self.norm.momentum,
-                            epsilon=self.norm.epsilon, axis_name=self.norm.axis_name,
-                            dtype=self.dtype, name=f'norm_{level}')(feats[level])
+        level: batch_norm(feats[level], train, self.norm, self.dtype, name=f'norm_{level}')
         for level in range(self.min_level, self.max_level + 1)
     }

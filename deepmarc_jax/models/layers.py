@@ -57,18 +57,66 @@ class ConvBN(nn.Module):
     return self.activation(x) if self.activation is not None else x
 
 
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with an optional example mask.
+
+  Same variables as `flax.linen.BatchNorm` (params scale/bias, batch_stats mean/var; the class
+  name keeps its auto-names 'BatchNorm_<i>'), Keras momentum semantics, biased batch variance.
+  With `mask`, statistics use only the masked-in entries; when nothing is masked in (e.g. no
+  mask-allowed instance in the whole batch) it normalises with the running averages and leaves
+  them unchanged, so the (unused) outputs stay finite; flax's masked BatchNorm divides by zero.
+  """
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      weight = (jnp.ones(x.shape[:-1] + (1,), jnp.float32) if mask is None
+                else mask.astype(jnp.float32).reshape(x.shape[:-1] + (1,)))
+      sums = (jnp.sum(weight, axes), jnp.sum(xf * weight, axes), jnp.sum(xf * xf * weight, axes))
+      if self.axis_name is not None:
+        sums = jax.lax.psum(sums, self.axis_name)
+      count, total, total_sq = sums
+      seen = count > 0
+      # No example in the batch: normalise with the running statistics, as in evaluation.
+      mean = jnp.where(seen, total / jnp.maximum(count, 1.0), ra_mean.value)
+      var = jnp.where(seen, jnp.maximum(total_sq / jnp.maximum(count, 1.0) - mean * mean, 0.0),
+                      ra_var.value)
+      if not self.is_initializing():
+        ra_mean.value = jnp.where(seen, self.momentum * ra_mean.value
+                                  + (1 - self.momentum) * mean, ra_mean.value)
+        ra_var.value = jnp.where(seen, self.momentum * ra_var.value
+                                 + (1 - self.momentum) * var, ra_var.value)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype or x.dtype)
+
+
 def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
                mask: jax.Array | None = None, name: str | None = None) -> jax.Array:
-  """BatchNorm over all but the last axis; `mask` [N] limits the statistics to real examples.
+  """`BatchNorm` with `norm`'s settings; `mask` [N] (leading axis) limits the statistics.
 
   Padded examples (e.g. empty mask-head slots) then change neither the normalisation of the
   real ones nor the running statistics. Must be called inside a compact module.
   """
   if mask is not None:
-    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape)
-  return nn.BatchNorm(use_running_average=not train, momentum=norm.momentum,
-                      epsilon=norm.epsilon, axis_name=norm.axis_name, dtype=dtype,
-                      name=name)(x, mask=mask)
+    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - 1 - mask.ndim)),
+                            x.shape[:-1])
+  return BatchNorm(use_running_average=not train, momentum=norm.momentum,
+                   epsilon=norm.epsilon, axis_name=norm.axis_name, dtype=dtype,
+                   name=name)(x, mask)
 
 
 def count_params(tree) -> int:

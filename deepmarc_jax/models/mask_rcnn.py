@@ -131,6 +131,10 @@ class MaskRCNN(nn.Module):
 
   def features(self, images: jax.Array, train: bool) -> dict[int, jax.Array]:
     """uint8 [B, S, S, 3] -> {level: [B, S/2^l, S/2^l, C]}."""
+    size = self.settings.image_size
+    if images.shape[1:] != (size, size, 3):
+      raise ValueError(f'images are {images.shape[1:]}; this model (data.image_size={size}) '
+                       f'takes [B, {size}, {size}, 3]')
     x = (images.astype(jnp.float32) - jnp.array(MEAN_RGB)) / jnp.array(STDDEV_RGB)
     return self.decoder(self.backbone(x.astype(self.settings.dtype), train=train), train=train)
 
@@ -273,8 +277,7 @@ class MaskRCNN(nn.Module):
     class_logits, box_deltas = self.box_head(features, proposals, train=False)
     probs = jax.nn.softmax(class_logits, axis=-1)
     boxes = box_ops.decode(box_deltas, proposals[:, :, None, :], BOX_WEIGHTS)
-    boxes = box_ops.clip_boxes(boxes, image_hw[:, 0, None, None, None],
-                               image_hw[:, 1, None, None, None])
+    boxes = jax.vmap(box_ops.clip_boxes)(boxes, image_hw[:, 0], image_hw[:, 1])
     pre_nms, threshold, nms_threshold, max_dets = s.detection
     dets = jax.vmap(lambda b, p, v: nms_ops.class_aware_nms(
         b, p, v, score_threshold=threshold, pre_nms_top_k=pre_nms, iou_threshold=nms_threshold,
