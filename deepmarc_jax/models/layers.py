@@ -74,6 +74,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: [N, ..., C]; mask: optional bool over leading axes of x (e.g. [N])."""
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
@@ -84,8 +85,12 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      weight = (jnp.ones(x.shape[:-1] + (1,), jnp.float32) if mask is None
-                else mask.astype(jnp.float32).reshape(x.shape[:-1] + (1,)))
+      if mask is None:
+        weight = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+      else:  # mask covers leading axes ([N] for [N, H, W, C]); broadcast it over the rest
+        weight = jnp.broadcast_to(
+            mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x.ndim - mask.ndim)),
+            x.shape[:-1] + (1,))
       sums = (jnp.sum(weight, axes), jnp.sum(xf * weight, axes), jnp.sum(xf * xf * weight, axes))
       if self.axis_name is not None:
         sums = jax.lax.psum(sums, self.axis_name)
@@ -111,9 +116,6 @@ def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
   Padded examples (e.g. empty mask-head slots) then change neither the normalisation of the
   real ones nor the running statistics. Must be called inside a compact module.
   """
-  if mask is not None:
-    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - 1 - mask.ndim)),
-                            x.shape[:-1])
   return BatchNorm(use_running_average=not train, momentum=norm.momentum,
                    epsilon=norm.epsilon, axis_name=norm.axis_name, dtype=dtype,
                    name=name)(x, mask)
