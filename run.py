@@ -19,10 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where results, checkpoints and logs go.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'prepare', ['prepare'],
-    'prepare: build the dataset, check the input pipeline (speed, a preview PNG) and score the '
-    'oracle AP of the batch masks with the evaluator. The train/eval modes come with the '
-    'trainer.')
+    'mode', 'train_and_eval', ['train_and_eval', 'eval', 'prepare'],
+    'train_and_eval: train (resuming from the workdir), evaluate, write prediction overlays. '
+    'eval: evaluate the workdir\'s latest checkpoint. prepare: build the dataset, check the '
+    'input pipeline (speed, preview PNG) and score the oracle AP of the batch masks.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -73,9 +73,27 @@ def main(argv):
     f.write(config.to_json_best_effort(indent=2))
   logging.info('config:\n%s', config)
 
+  if jax_distributed_needed():
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   if _MODE.value == 'prepare':
     from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
     prepare.run(config, _WORKDIR.value)
+  else:
+    from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+    try:
+      if _MODE.value == 'eval':
+        train.evaluate_checkpoint(config, _WORKDIR.value)
+      else:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except train.NonFiniteLossError as e:
+      _fail(str(e))
+
+
+def jax_distributed_needed() -> bool:
+  """Multi-process runs (e.g. TPU pods, SLURM) set these; one process needs no coordinator."""
+  return any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
+                                         'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
 
 
 if __name__ == '__main__':

@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = dict(
       batch_size=8,
       every_steps=10_000,
+      max_batches=config_dict.placeholder(int),  # evaluate only the first N batches
       mask_threshold=0.5,
       backend='faster_coco_eval',
   )

@@ -10,6 +10,7 @@ the train state is replicated, so BatchNorm statistics are global. One compile p
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -26,7 +27,9 @@ from clu import periodic_actions
 from deepmarc_jax import checkpoint
 from deepmarc_jax import evaluate
 from deepmarc_jax import optimizers
+from deepmarc_jax import predict
 from deepmarc_jax import sharding
+from deepmarc_jax import viz
 from deepmarc_jax.data import class_splits
 from deepmarc_jax.data import groundtruth
 from deepmarc_jax.data import pipeline
@@ -72,7 +75,9 @@ def setup(config) -> Experiment:
 
 def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
   """Initialises the train state directly into its (replicated) shardings."""
-  spec = pipeline.make_spec(exp.config.data, exp.builder, train=True)
+  data = exp.config.data
+  spec = pipeline.PreprocessSpec(image_size=data.image_size, max_instances=data.max_instances,
+                                 mask_size=data.mask_size, allowed_mask_ids=(), train=True)
   dummy = pipeline.dummy_batch(spec, batch_size=exp.mesh.shape['data'])
 
   def init(rng):
@@ -126,10 +131,11 @@ def make_detect(exp: Experiment):
   return jax.jit(detect, out_shardings=sharding.replicated(exp.mesh))
 
 
-def evaluate_model(exp: Experiment, state: TrainState, detect=None, *,
-                   max_batches: int | None = None) -> dict:
-  """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split."""
+def evaluate_model(exp: Experiment, state: TrainState, detect=None) -> dict:
+  """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split
+  (its first `config.eval.max_batches` batches when that is set)."""
   config = exp.config
+  max_batches = config.eval.get('max_batches')
   detect = detect or make_detect(exp)
   evaluator = evaluate.CocoEvaluator(
       groundtruth.coco_groundtruth(exp.builder, config.data.eval_split),
@@ -153,6 +159,38 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, *,
   return evaluator.evaluate()
 
 
+def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, detect=None,
+                              num_images: int = 8) -> None:
+  """PNG of the first eval images with the predicted masks (score >= 0.5) drawn on them."""
+  detect = detect or make_detect(exp)
+  batch = next(iter(tfds.as_numpy(pipeline.eval_dataset(
+      exp.config.data, exp.builder, batch_size=exp.config.eval.batch_size))))
+  images = sharding.global_batch({'image': batch['image']}, exp.mesh)['image']
+  dets = jax.device_get(detect(state, images))
+  categories = {c['id']: c['name'] for c in exp.builder.info.metadata['categories']}
+  drawn = [predict.draw_detections(batch['image'][i], {k: v[i] for k, v in dets.items()},
+                                   categories, exp.split_ids['seen'])
+           for i in range(min(num_images, len(batch['image'])))
+           if batch['example_valid'][i]]
+  viz.save_grid(drawn, path, zoom=max(1, 256 // exp.config.data.image_size))
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Evaluates the workdir's latest checkpoint (`run.py --mode=eval`)."""
+  exp = setup(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.train.checkpoint_every_steps)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
+  state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))))
+  ckpt.close()
+  results = evaluate_model(exp, state)
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() > 0)
+  _write_results(writer, workdir, int(state.step), results)
+  return results
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the workdir's latest checkpoint) and evaluates; returns the final
   evaluation results (also written to workdir/eval_<step>.json)."""
@@ -169,10 +207,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = int(state.step)
   total_steps = config.train.total_steps
 
-  batches = tfds.as_numpy(pipeline.train_dataset(
+  batches = iter(tfds.as_numpy(pipeline.train_dataset(
       config.data, exp.builder, batch_size=config.train.batch_size // jax.process_count(),
       seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+      process_count=jax.process_count())))
   train_step = make_train_step(exp)
   detect = make_detect(exp)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
@@ -197,6 +235,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f'last good state (latest: {ckpt.latest_step()}). Lower the learning rate or '
               'check the data.')
         writer.write_scalars(step, summary)
+        if is_main:
+          with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(dict(step=step, **summary)) + '\n')
         logging.info('step %d: %s', step, {k: round(v, 4) for k, v in summary.items()})
       if ckpt.save(step, state, force=last or bool(preempted)):
         logging.info('checkpoint at step %d', step)
@@ -215,6 +256,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if results is None:  # nothing left to train: evaluate the restored state
     results = evaluate_model(exp, state, detect)
     _write_results(writer, workdir, int(state.step), results)
+  if is_main:
+    write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
   return results
 
 

@@ -91,15 +91,18 @@ class BatchNorm(nn.Module):
         weight = jnp.broadcast_to(
             mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x.ndim - mask.ndim)),
             x.shape[:-1] + (1,))
-      sums = (jnp.sum(weight, axes), jnp.sum(xf * weight, axes), jnp.sum(xf * xf * weight, axes))
+      count, total = jnp.sum(weight, axes), jnp.sum(xf * weight, axes)
       if self.axis_name is not None:
-        sums = jax.lax.psum(sums, self.axis_name)
-      count, total, total_sq = sums
+        count, total = jax.lax.psum((count, total), self.axis_name)
       seen = count > 0
       # No example in the batch: normalise with the running statistics, as in evaluation.
       mean = jnp.where(seen, total / jnp.maximum(count, 1.0), ra_mean.value)
-      var = jnp.where(seen, jnp.maximum(total_sq / jnp.maximum(count, 1.0) - mean * mean, 0.0),
-                      ra_var.value)
+      # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in float32 when a channel's
+      # mean dwarfs its spread, which makes gradients depend on reduction order.
+      total_sq = jnp.sum(jnp.square(xf - mean) * weight, axes)
+      if self.axis_name is not None:
+        total_sq = jax.lax.psum(total_sq, self.axis_name)
+      var = jnp.where(seen, total_sq / jnp.maximum(count, 1.0), ra_var.value)
       if not self.is_initializing():
         ra_mean.value = jnp.where(seen, self.momentum * ra_mean.value
                                   + (1 - self.momentum) * mean, ra_mean.value)
