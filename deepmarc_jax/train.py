@@ -243,7 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info('checkpoint at step %d', step)
       if preempted:
         logging.warning('SIGTERM: checkpointed step %d and stopping', step)
-        break
+        return {}
       if step % config.eval.every_steps == 0 or last:
         with report.timed('eval'):
           results = evaluate_model(exp, state, detect)

@@ -10,20 +10,9 @@ import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def config(**mask_head):
-  config = deepmarc_spinenet.get_config('demo')
-  config.model.backbone.type = 'resnet50'
-  config.model.min_level, config.model.max_level = 2, 6
-  config.model.width_multiplier = 0.125
-  config.model.fpn_filters = 32
-  config.model.rpn.update(pre_nms_top_k=100, num_proposals=50, test_num_proposals=50,
-                          samples_per_image=64)
-  config.model.roi_sampler.samples_per_image = 32
-  config.model.box_head.update(num_convs=1, num_filters=32, fc_dims=64)
-  config.model.detection.update(pre_nms_top_k=100, max_detections=10)
-  config.model.mask_head.update(type='hourglass10', num_filters=16, crop_size=8,
-                                max_train_instances=4)
+  """The `demo,tiny` experiment, with mask-head overrides."""
+  config = deepmarc_spinenet.get_config('demo,tiny')
   config.model.mask_head.update(mask_head)
-  config.data.image_size = 128
   return config
 
 

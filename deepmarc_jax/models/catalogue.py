@@ -1,4 +1,6 @@
-"""Architectures by name: the specs the configs choose from (facts: shared/reference/deepmac-facts.md).
+"""Architectures by name: the specs the configs choose from.
+
+Facts: shared/reference/deepmac-facts.md (sections 2.4 and 5.1).
 
 These tables are the single source of allowed names for config validation and of the numbers
 the Flax modules are built from.

@@ -119,7 +119,7 @@ class MaskRCNN(nn.Module):
         num_classes=s.num_classes, num_convs=num_convs, num_filters=num_filters,
         num_fcs=num_fcs, fc_dims=fc_dims, norm=s.norm, dtype=s.dtype)
     self.mask_head = mask_heads.MaskHead(type=s.mask_head_type, num_filters=s.mask_filters,
-                                         dtype=s.dtype)
+                                         norm=s.norm, dtype=s.dtype)
 
   # -- shared pieces ----------------------------------------------------------------------------
 
