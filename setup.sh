@@ -6,3 +6,12 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+# The official TF Model Garden Deep-MARC in its own venv (parity tests); built once, ~70 s.
+oracle=../shared/oracle/setup_venv.sh
+if [ ! -x .venv-oracle/bin/python ]; then
+  if [ -f "$oracle" ]; then
+    bash "$oracle" .venv-oracle > .venv-oracle.log 2>&1 || { cat .venv-oracle.log; exit 1; }
+  else
+    echo "setup.sh: $oracle not found; the parity tests need the official-model venv" >&2
+  fi
+fi

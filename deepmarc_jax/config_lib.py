@@ -133,6 +133,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _allowed(errors, 'model.backbone.type', model.backbone.type, catalogue.BACKBONES)
   _allowed(errors, 'model.mask_head.type', model.mask_head.type, tuple(catalogue.MASK_HEADS))
   _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
+  head = catalogue.MASK_HEADS.get(model.mask_head.type)
+  if isinstance(head, catalogue.HourglassSpec) and head.downsample:
+    multiple = 2 ** (len(head.blocks_per_stage) - 1)
+    if model.mask_head.crop_size % multiple:
+      errors.append(f'config.model.mask_head.crop_size={model.mask_head.crop_size} must be a '
+                    f'multiple of {multiple} for {model.mask_head.type} (its stride-2 stages)')
   _allowed(errors, 'model.compute_dtype', model.compute_dtype, DTYPES)
   if not 2 <= model.min_level <= model.max_level <= 7:
     errors.append(f'config.model.min_level/max_level={model.min_level}/{model.max_level} must '

@@ -73,6 +73,7 @@ def _run(tmp_path, *overrides):
     ('--config.model.mask_head.typo=1', 'Did you mean "type"'),
     ('--config.data.image_size=big', '--config.data.image_size=big'),
     ('--config.data.tfds_name=coco/2017', 'coco_instances/coco2017'),
+    ('--config.model.mask_head.type=hourglass52', 'crop_size=16 must be a multiple of 32'),
 ])
 def test_run_py_fails_fast_on_bad_config(tmp_path, override, expected):
   result = _run(tmp_path, override)
@@ -85,11 +86,11 @@ def test_run_py_fails_fast_on_bad_config(tmp_path, override, expected):
 @pytest.mark.slow
 def test_prepare_mode_end_to_end(tmp_path):
   """The demo config's dataset is generated, batched, previewed and its oracle AP is ~100."""
-  result = _run(tmp_path, '--config.model.mask_head.type=hourglass100')
+  result = _run(tmp_path, '--mode=prepare', '--config.model.mask_head.type=hourglass10')
   assert result.returncode == 0, result.stderr[-3000:]
   work = tmp_path / 'work'
   config = json.loads((work / 'config.json').read_text())
-  assert config['model']['mask_head']['type'] == 'hourglass100'
+  assert config['model']['mask_head']['type'] == 'hourglass10'
   assert (work / 'pipeline_preview.png').stat().st_size > 10_000
   results = json.loads((work / 'oracle_eval.json').read_text())
   assert results['bbox']['AP'] == pytest.approx(1.0)

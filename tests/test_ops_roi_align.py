@@ -16,7 +16,10 @@ import pytest
 from deepmarc_jax.ops import masks
 from deepmarc_jax.ops import roi_align as ra
 
-ORACLE_PYTHON = pathlib.Path(__file__).resolve().parents[2] / 'oracle_venv' / 'bin' / 'python'
+# The official TF Model Garden in its own venv: setup.sh builds it (from shared/oracle).
+ORACLE_PYTHON = pathlib.Path(os.environ.get(
+    'DEEPMARC_ORACLE_PYTHON',
+    pathlib.Path(__file__).resolve().parents[1] / '.venv-oracle' / 'bin' / 'python'))
 
 
 # ------------------------------------------------------------------ explicit-loop reference
@@ -194,9 +197,9 @@ np.savez(sys.argv[2], **{
 
 
 def test_parity_with_official_multilevel_crop_and_resize(tmp_path):
-  if not ORACLE_PYTHON.exists():
-    pytest.skip(f'official TF Model Garden venv not found at {ORACLE_PYTHON} '
-                '(build it with shared/oracle/setup_venv.sh)')
+  assert ORACLE_PYTHON.exists(), (
+      f'official TF Model Garden venv not found at {ORACLE_PYTHON}: run setup.sh (it builds '
+      '.venv-oracle from ../shared/oracle/setup_venv.sh) or set DEEPMARC_ORACLE_PYTHON')
   features, boxes = random_case(seed=4, channels=4, num_random=40)
   sizes = (7, 14)
   np.savez(tmp_path / 'in.npz', boxes=boxes, sizes=np.array(sizes),
