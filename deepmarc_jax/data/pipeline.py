@@ -241,12 +241,12 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
 
 
 def make_spec(data_config, builder: tfds.core.DatasetBuilder, *, train: bool) -> PreprocessSpec:
-  category_ids = [c['id'] for c in builder.info.metadata['categories']]
   return PreprocessSpec(
       image_size=data_config.image_size,
       max_instances=data_config.max_instances,
       mask_size=data_config.mask_size,
-      allowed_mask_ids=class_splits.resolve_mask_classes(data_config.mask_classes, category_ids),
+      allowed_mask_ids=class_splits.resolve_mask_classes(data_config.mask_classes,
+                                                      category_ids(builder)),
       train=train,
       hflip=data_config.hflip,
       scale_range=tuple(data_config.scale_jitter))
@@ -324,4 +324,5 @@ def _options() -> tf.data.Options:
 
 
 def category_ids(builder: tfds.core.DatasetBuilder) -> Sequence[int]:
+  """The dataset's category ids (from the builder's metadata), ascending."""
   return [c['id'] for c in builder.info.metadata['categories']]
