@@ -117,3 +117,19 @@ def test_detect_and_segment_boxes_have_static_shapes(tiny):
   masks = jax.jit(lambda v, x, b: model.apply(v, x, b, method=mask_rcnn.MaskRCNN.segment_boxes))(
       variables, images, boxes)
   assert masks.shape == (2, 2, 16, 16)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_gives_nearly_the_float32_loss(tiny):
+  """compute_dtype='bfloat16' (what accelerators run): same variables, f32 grads, loss parts
+  within bf16 rounding of the f32 ones (same params, batch and sampling key)."""
+  config, model, variables = tiny
+  bf16_config = _tiny_config()
+  bf16_config.model.compute_dtype = 'bfloat16'
+  bf16_model = mask_rcnn.MaskRCNN.from_config(bf16_config)
+  loss32, parts32, _ = _loss_and_grads(model, config, variables, _batch())
+  loss16, parts16, grads16 = _loss_and_grads(bf16_model, bf16_config, variables, _batch())
+  assert {g.dtype for g in jax.tree.leaves(grads16)} == {jnp.dtype(jnp.float32)}
+  assert np.isfinite(float(loss16))
+  for name in ('class_loss', 'mask_loss', 'rpn_score_loss', 'loss'):
+    np.testing.assert_allclose(float(parts16[name]), float(parts32[name]), rtol=0.05,
+                               err_msg=name)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepmarc_jax.models.layers import Dtype, NormConfig, batch_norm, variance_scaling
+from deepmarc_jax.models.layers import Conv, Dtype, NormConfig, batch_norm, variance_scaling
 
 
 def nearest_upsample_x2(x: jax.Array) -> jax.Array:
@@ -43,7 +43,7 @@ class FPN(nn.Module):
     if min(endpoints) > self.min_level:
       raise ValueError(f'backbone levels {sorted(endpoints)} start above min_level '
                        f'{self.min_level}')
-    conv = functools.partial(nn.Conv, self.num_filters, kernel_init=variance_scaling,
+    conv = functools.partial(Conv, self.num_filters, kernel_init=variance_scaling,
                              dtype=self.dtype)
     top = min(max(endpoints), self.max_level)
     feats = {top: conv((1, 1), name=f'lateral_{top}')(endpoints[top])}

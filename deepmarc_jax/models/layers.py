@@ -7,13 +7,20 @@ uses 0.99 / 1e-3, the hourglass networks 0.1 / 1e-5.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepmarc_jax.ops import conv as conv_ops
+
 Dtype = Any
+
+# Every conv of the models: flax's nn.Conv (same variables and names) with ops/conv.py's
+# convolution, whose kernel gradient is an im2col matmul where that is faster on CPU.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_ops.conv_general_dilated)
 
 # Keras' default for convs without an explicit initializer (e.g. hourglass_network.py).
 glorot_uniform = nn.initializers.glorot_uniform()
@@ -50,7 +57,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     """x: [N, H, W, C]; mask: optional [N] bool, the examples BatchNorm statistics use."""
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.strides,) * 2,
+    x = Conv(self.features, (self.kernel_size, self.kernel_size), (self.strides,) * 2,
                 padding=self.padding, use_bias=False, kernel_init=self.kernel_init,
                 dtype=self.dtype)(x)
     x = batch_norm(x, train, self.norm, self.dtype, mask)

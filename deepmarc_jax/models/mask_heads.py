@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from deepmarc_jax.models.catalogue import (MASK_HEADS, ConvHeadSpec, HourglassSpec,
                                            ResNetHeadSpec)
 from deepmarc_jax.models.hourglass import HOURGLASS_NORM, Hourglass
-from deepmarc_jax.models.layers import (ConvBN, Dtype, NormConfig, batch_norm, glorot_uniform,
-                                        he_normal_fan_out)
+from deepmarc_jax.models.layers import (Conv, ConvBN, Dtype, NormConfig, batch_norm,
+                                        glorot_uniform, he_normal_fan_out)
 
 # tf.keras.layers.BatchNormalization defaults with resnet_v1.block_basic's epsilon.
 RESNET_NORM = NormConfig(momentum=0.99, epsilon=1.001e-5)
@@ -49,7 +49,7 @@ class ConvStack(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     for i in range(self.num_convs):
-      x = nn.Conv(self.features, (3, 3), padding='SAME', kernel_init=he_normal_fan_out,
+      x = Conv(self.features, (3, 3), padding='SAME', kernel_init=he_normal_fan_out,
                   dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name=f'conv_bn_{i}'))
     return x
@@ -70,7 +70,7 @@ class PreActBasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     preact = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name='preact_bn'))
     if self.conv_shortcut:
-      x = nn.Conv(self.features, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
+      x = Conv(self.features, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
                   name='shortcut_conv')(preact)
     y = preact
     for name in ('conv_1', 'conv_2'):
@@ -91,7 +91,7 @@ class ResNetMaskNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-    x = nn.Conv(self.num_channels, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
+    x = Conv(self.num_channels, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
                 name='input_layer')(x)
     for stage, (num_blocks, multiplier) in enumerate(self.spec.stages):
       # stack_basic builds a conv-shortcut block, blocks - 2 plain ones and a final one (stride1).
@@ -152,7 +152,7 @@ class MaskHead(nn.Module):
                          kernel_init=he_normal_fan_out, dtype=self.dtype, name='deconv')(x)
     x = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name='deconv_bn'))
     num_logits = 1 if self.class_agnostic else self.num_classes
-    logits = nn.Conv(num_logits, (1, 1), kernel_init=he_normal_fan_out, dtype=self.dtype,
+    logits = Conv(num_logits, (1, 1), kernel_init=he_normal_fan_out, dtype=self.dtype,
                      name='logits')(x).astype(jnp.float32)
     if self.class_agnostic:
       return logits[..., 0]
