@@ -58,8 +58,8 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     """x: [N, H, W, C]; mask: optional [N] bool, the examples BatchNorm statistics use."""
     x = Conv(self.features, (self.kernel_size, self.kernel_size), (self.strides,) * 2,
-                padding=self.padding, use_bias=False, kernel_init=self.kernel_init,
-                dtype=self.dtype)(x)
+             padding=self.padding, use_bias=False, kernel_init=self.kernel_init,
+             dtype=self.dtype)(x)
     x = batch_norm(x, train, self.norm, self.dtype, mask)
     return self.activation(x) if self.activation is not None else x
 

@@ -50,7 +50,7 @@ class ConvStack(nn.Module):
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     for i in range(self.num_convs):
       x = Conv(self.features, (3, 3), padding='SAME', kernel_init=he_normal_fan_out,
-                  dtype=self.dtype, name=f'conv_{i}')(x)
+               dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name=f'conv_bn_{i}'))
     return x
 
@@ -71,7 +71,7 @@ class PreActBasicBlock(nn.Module):
     preact = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name='preact_bn'))
     if self.conv_shortcut:
       x = Conv(self.features, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
-                  name='shortcut_conv')(preact)
+               name='shortcut_conv')(preact)
     y = preact
     for name in ('conv_1', 'conv_2'):
       y = ConvBN(self.features, 3, padding=_PAD_1, norm=self.norm, dtype=self.dtype,
@@ -92,7 +92,7 @@ class ResNetMaskNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     x = Conv(self.num_channels, (1, 1), kernel_init=glorot_uniform, dtype=self.dtype,
-                name='input_layer')(x)
+             name='input_layer')(x)
     for stage, (num_blocks, multiplier) in enumerate(self.spec.stages):
       # stack_basic builds a conv-shortcut block, blocks - 2 plain ones and a final one (stride1).
       for i in range(max(num_blocks, 2)):
@@ -153,7 +153,7 @@ class MaskHead(nn.Module):
     x = nn.relu(batch_norm(x, train, self.norm, self.dtype, mask, name='deconv_bn'))
     num_logits = 1 if self.class_agnostic else self.num_classes
     logits = Conv(num_logits, (1, 1), kernel_init=he_normal_fan_out, dtype=self.dtype,
-                     name='logits')(x).astype(jnp.float32)
+                  name='logits')(x).astype(jnp.float32)
     if self.class_agnostic:
       return logits[..., 0]
     if roi_classes is None:

@@ -30,7 +30,7 @@ class DetectionHead(nn.Module):
     x = roi_features
     for i in range(self.num_convs):
       x = layers.Conv(self.num_filters, (3, 3), padding='SAME', dtype=self.dtype,
-                  kernel_init=layers.he_normal_fan_out, name=f'conv_{i}')(x)
+                      kernel_init=layers.he_normal_fan_out, name=f'conv_{i}')(x)
       x = nn.relu(layers.batch_norm(x, train, self.norm, self.dtype, mask, name=f'conv_bn_{i}'))
     x = x.reshape(x.shape[0], -1)
     for i in range(self.num_fcs):

@@ -27,12 +27,12 @@ class RPNHead(nn.Module):
   @nn.compact
   def __call__(self, features: Mapping[int, jax.Array], train: bool):
     convs = [layers.Conv(self.num_filters, (3, 3), padding='SAME', dtype=self.dtype,
-                     kernel_init=nn.initializers.normal(0.01), name=f'conv_{i}')
+                         kernel_init=nn.initializers.normal(0.01), name=f'conv_{i}')
              for i in range(self.num_convs)]
     classifier = layers.Conv(self.num_anchors, (1, 1), dtype=self.dtype,
-                         kernel_init=nn.initializers.normal(1e-5), name='scores')
+                             kernel_init=nn.initializers.normal(1e-5), name='scores')
     regressor = layers.Conv(4 * self.num_anchors, (1, 1), dtype=self.dtype,
-                        kernel_init=nn.initializers.normal(1e-5), name='boxes')
+                            kernel_init=nn.initializers.normal(1e-5), name='boxes')
     scores, boxes = {}, {}
     for level in sorted(features):
       x = features[level]
