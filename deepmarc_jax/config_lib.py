@@ -60,8 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
       anchor=dict(num_scales=1, aspect_ratios=(0.5, 1.0, 2.0), anchor_size=8.0),
       fpn_filters=256,              # FPN decoder width (ResNet backbones)
       width_multiplier=1.0,         # backbone channel scale (narrow models for tests/demo)
+      # keep_degenerate: keep proposals clipped to zero height/width, as Model Garden does
+      # (False: drop every zero-area proposal). test_pre_nms_top_k: pre-NMS top-k per level
+      # at inference (Model Garden: 1000); unset, pre_nms_top_k serves both.
       rpn=dict(samples_per_image=256, positive_fraction=0.5, pre_nms_top_k=2000,
-               nms_threshold=0.7, num_proposals=1000, test_num_proposals=1000),
+               nms_threshold=0.7, num_proposals=1000, test_num_proposals=1000,
+               keep_degenerate=True,
+               test_pre_nms_top_k=config_dict.FieldReference(1000, field_type=int)),
       roi_sampler=dict(samples_per_image=512, foreground_fraction=0.25, foreground_iou=0.5),
       detection=dict(pre_nms_top_k=5000, score_threshold=0.05, nms_threshold=0.5,
                      max_detections=100),
@@ -93,10 +98,14 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=10_000,
       max_batches=config_dict.placeholder(int),  # evaluate only the first N batches
       mask_threshold=0.5,
+      overlay_score_threshold=0.5,  # detections drawn in the workdir's predictions.png
       backend='faster_coco_eval',
   )
 
   config.mesh = [('data', -1)]
+  # {'params', 'batch_stats'} to start training from when the workdir has no checkpoint yet,
+  # e.g. an official checkpoint converted by `python -m deepmarc_jax.convert`.
+  config.init_from = config_dict.placeholder(str)
   return config
 
 
@@ -131,6 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       errors.append(f'config.data.{field}={data[field]} must be positive')
 
   _allowed(errors, 'model.backbone.type', model.backbone.type, catalogue.BACKBONES)
+  if model.backbone.type in catalogue.SPINENETS and data.image_size % 128:
+    errors.append(f'config.data.image_size={data.image_size} must be a multiple of 128 for '
+                  f'{model.backbone.type} (its coarsest blocks are at level 7)')
   _allowed(errors, 'model.mask_head.type', model.mask_head.type, tuple(catalogue.MASK_HEADS))
   _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
   head = catalogue.MASK_HEADS.get(model.mask_head.type)

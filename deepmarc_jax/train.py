@@ -25,6 +25,7 @@ from clu import metric_writers
 from clu import periodic_actions
 
 from deepmarc_jax import checkpoint
+from deepmarc_jax import convert
 from deepmarc_jax import evaluate
 from deepmarc_jax import optimizers
 from deepmarc_jax import predict
@@ -81,7 +82,8 @@ def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
   dummy = pipeline.dummy_batch(spec, batch_size=exp.mesh.shape['data'])
 
   def init(rng):
-    variables = exp.model.init({'params': rng, 'sampling': rng}, dummy, train=True)
+    variables = exp.model.init({'params': rng, 'sampling': rng, 'dropout': rng}, dummy,
+                               train=True)
     params = variables['params']
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=exp.tx.init(params))
@@ -89,6 +91,18 @@ def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(exp.mesh), abstract)
   return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def load_init_from(state: TrainState, path: str) -> TrainState:
+  """`state` with params and batch_stats read from `path` (`convert.save_variables`' layout).
+
+  They are restored into the state's shapes, dtypes and shardings (orbax fails on any
+  mismatch). The step and the optimizer state stay as initialised: SGD momentum and AdamW
+  moments start at zero whatever the parameters are.
+  """
+  target = checkpoint.abstract({'params': state.params, 'batch_stats': state.batch_stats})
+  variables = convert.load_variables(path, target)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
 def make_train_step(exp: Experiment):
@@ -101,7 +115,8 @@ def make_train_step(exp: Experiment):
 
   def loss_fn(params, batch_stats, batch, rng):
     outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch,
-                                   train=True, rngs={'sampling': rng}, mutable=['batch_stats'])
+                                   train=True, mutable=['batch_stats'],
+                                   rngs={'sampling': rng, 'dropout': jax.random.fold_in(rng, 1)})
     loss, metrics = mask_rcnn.loss(outputs, exp.config.model)
     return loss, (metrics, updates['batch_stats'])
 
@@ -161,7 +176,8 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None) -> dict:
 
 def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, detect=None,
                               num_images: int = 8) -> None:
-  """PNG of the first eval images with the predicted masks (score >= 0.5) drawn on them."""
+  """PNG of the first eval images with their predicted masks drawn on them (detections with
+  score >= config.eval.overlay_score_threshold)."""
   detect = detect or make_detect(exp)
   batch = next(iter(tfds.as_numpy(pipeline.eval_dataset(
       exp.config.data, exp.builder, batch_size=exp.config.eval.batch_size))))
@@ -169,14 +185,16 @@ def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, det
   dets = jax.device_get(detect(state, images))
   categories = {c['id']: c['name'] for c in exp.builder.info.metadata['categories']}
   drawn = [predict.draw_detections(batch['image'][i], {k: v[i] for k, v in dets.items()},
-                                   categories, exp.split_ids['seen'])
+                                   categories, exp.split_ids['seen'],
+                                   exp.config.eval.overlay_score_threshold)
            for i in range(min(num_images, len(batch['image'])))
            if batch['example_valid'][i]]
   viz.save_grid(drawn, path, zoom=max(1, 256 // exp.config.data.image_size))
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates the workdir's latest checkpoint (`run.py --mode=eval`)."""
+  """Evaluates the workdir's latest checkpoint (`run.py --mode=eval`): eval_<step>.json and
+  predictions.png in the workdir."""
   exp = setup(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  save_every_steps=config.train.checkpoint_every_steps)
@@ -184,10 +202,13 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
   state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))))
   ckpt.close()
-  results = evaluate_model(exp, state)
+  detect = make_detect(exp)
+  results = evaluate_model(exp, state, detect)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
   _write_results(writer, workdir, int(state.step), results)
+  if jax.process_index() == 0:
+    write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
   return results
 
 
@@ -204,6 +225,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:  # resume first
     state = ckpt.restore(checkpoint.abstract(state))
     logging.info('resumed from step %d', int(state.step))
+  elif config.get('init_from'):  # then the variables of a converted (or earlier) model
+    state = load_init_from(state, config.init_from)
+    logging.info('params and batch_stats from %s', config.init_from)
   start_step = int(state.step)
   total_steps = config.train.total_steps
 

@@ -147,5 +147,5 @@ def test_tfds_command_line_builds_the_dataset(tmp_path):
       env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert result.returncode == 0, result.stderr[-3000:]
   info = tfds.builder_from_directory(str(tmp_path / 'tfds' / 'coco_instances' / 'custom' /
-                                         '1.0.0')).info
+                                         str(CocoInstances.VERSION))).info
   assert info.splits['train'].num_examples == 1

@@ -10,6 +10,7 @@ from deepmarc_jax import config_lib
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / 'experiments'))
+import deepmarc_resnet  # noqa: E402  pylint: disable=g-import-not-at-top
 import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -35,6 +36,26 @@ def test_spinenet_recipe_matches_the_official_yaml():
   assert (opt.warmup_steps, opt.warmup_init_lr, opt.weight_decay) == (2000, 0.0067, 4e-5)
   assert deepmarc_spinenet.get_config('nonvoc').data.mask_classes == 'nonvoc'
   assert deepmarc_spinenet.get_config('demo').data.tfds_name == 'coco_instances/shapes'
+
+
+@pytest.mark.parametrize('variant', [None, 'r101', 'nonvoc', 'r101,nonvoc'])
+def test_resnet_recipe_matches_the_official_yaml(variant):
+  """deep_mask_head_rcnn_{voc,nonvoc}_r{50,101}_hg52.yaml (deepmac-facts.md 3.4)."""
+  config = deepmarc_resnet.get_config(variant)
+  config_lib.validate(config)
+  variant = variant or ''
+  assert config.model.backbone.type == ('resnet101' if 'r101' in variant else 'resnet50')
+  assert config.data.mask_classes == ('nonvoc' if 'nonvoc' in variant else 'voc')
+  assert config.data.image_size == 1024 and tuple(config.data.scale_jitter) == (0.8, 1.25)
+  assert (config.model.min_level, config.model.max_level) == (2, 6)
+  assert (config.model.mask_head.type, config.model.mask_head.train_crops,
+          config.model.mask_head.crop_size) == ('hourglass52', 'gt', 32)
+  assert (config.model.rpn.keep_degenerate, config.model.rpn.test_pre_nms_top_k) == (True, 1000)
+  assert config.train.batch_size == 64 and config.train.total_steps == 70_000
+  opt = config.train.optimizer
+  assert (opt.name, opt.learning_rate, opt.momentum) == ('sgd', 0.12, 0.9)
+  assert tuple(opt.decay_boundaries) == (50_000, 65_000) and opt.decay_rate == 0.1
+  assert (opt.warmup_steps, opt.warmup_init_lr, opt.weight_decay) == (500, 0.0067, 4e-5)
 
 
 def test_unknown_variant_is_rejected():

@@ -49,7 +49,9 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
   synthetic: dict[str, Any] | None = None
 
 
-SHAPES_DEFAULT = dict(splits={'train': 2000, 'validation': 200}, image_size=128, seed=0)
+SHAPES_DEFAULT = dict(splits={'train': 2000, 'validation': 200}, image_size=128, seed=0,
+                      style='upright')
+SHAPES_TEXTURED = dict(SHAPES_DEFAULT, style='textured')
 
 
 class CocoInstances(tfds.core.GeneratorBasedBuilder):
@@ -59,8 +61,10 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   identity: a build with 'error' either fails or writes exactly what 'skip' writes.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.2.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.2.0': "'shapes' is drawn in the 'upright' style; the 1.0.0 shapes are "
+                            "'shapes_textured'."}
   BUILDER_CONFIGS = [
       CocoInstancesConfig(
           name='coco2017', description='COCO 2017 instances with masks (train/validation).',
@@ -70,6 +74,9 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
       CocoInstancesConfig(
           name='shapes', description='Synthetic seen/unseen shapes (deepmarc_jax.data.shapes).',
           synthetic=SHAPES_DEFAULT),
+      CocoInstancesConfig(
+          name='shapes_textured', description="Synthetic shapes, 'textured' style (harder).",
+          synthetic=SHAPES_TEXTURED),
       CocoInstancesConfig(
           name='coco_mini_seg', description='138 real COCO images (shared/data/coco_mini_seg).',
           splits={'train': ('annotations/instances_train2017_coco128.json', 'train2017'),

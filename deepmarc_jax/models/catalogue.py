@@ -63,6 +63,7 @@ SPINENETS = {
     'spinenet49': SpineNetSpec(256, 1.0, 0.5, 1),
     'spinenet96': SpineNetSpec(256, 1.0, 0.5, 2),
     'spinenet143': SpineNetSpec(256, 1.0, 1.0, 3),
+    'spinenet143l': SpineNetSpec(256, 1.3, 1.0, 3),  # the official SCALING_MAP's '143L'
     'spinenet190': SpineNetSpec(512, 1.3, 1.0, 4),
 }
 

@@ -32,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepmarc_jax import losses
+from deepmarc_jax.models import catalogue
 from deepmarc_jax.models import fpn as fpn_lib
 from deepmarc_jax.models import layers
 from deepmarc_jax.models import mask_heads
 from deepmarc_jax.models import resnet as resnet_lib
 from deepmarc_jax.models import roi_heads
 from deepmarc_jax.models import rpn as rpn_lib
+from deepmarc_jax.models import spinenet as spinenet_lib
 from deepmarc_jax.ops import anchors as anchor_ops
 from deepmarc_jax.ops import boxes as box_ops
 from deepmarc_jax.ops import matching
@@ -60,6 +62,7 @@ class Settings:
   min_level: int
   max_level: int
   backbone: str
+  stochastic_depth: float
   width_multiplier: float
   fpn_filters: int
   anchor: tuple  # (num_scales, aspect_ratios, anchor_size)
@@ -74,6 +77,8 @@ class Settings:
   max_train_instances: int
   norm: layers.NormConfig
   dtype: Any
+  keep_degenerate_proposals: bool = False  # Model Garden's ROI generator keeps them
+  test_pre_nms_top_k: int | None = None  # RPN pre-NMS top-k at inference (None: rpn[2])
 
 
 class MaskRCNN(nn.Module):
@@ -85,7 +90,8 @@ class MaskRCNN(nn.Module):
     return cls(Settings(
         image_size=config.data.image_size, num_classes=m.num_classes,
         min_level=m.min_level, max_level=m.max_level, backbone=m.backbone.type,
-        width_multiplier=m.width_multiplier, fpn_filters=m.fpn_filters,
+        stochastic_depth=m.backbone.stochastic_depth, width_multiplier=m.width_multiplier,
+        fpn_filters=m.fpn_filters,
         anchor=(m.anchor.num_scales, tuple(m.anchor.aspect_ratios), m.anchor.anchor_size),
         rpn=(m.rpn.samples_per_image, m.rpn.positive_fraction, m.rpn.pre_nms_top_k,
              m.rpn.nms_threshold, m.rpn.num_proposals, m.rpn.test_num_proposals),
@@ -99,21 +105,34 @@ class MaskRCNN(nn.Module):
         mask_crop_size=m.mask_head.crop_size, train_crops=m.mask_head.train_crops,
         max_train_instances=m.mask_head.max_train_instances,
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
-        dtype=_DTYPES[m.compute_dtype]))
+        dtype=_DTYPES[m.compute_dtype],
+        keep_degenerate_proposals=m.rpn.get('keep_degenerate', False),
+        test_pre_nms_top_k=m.rpn.get('test_pre_nms_top_k')))
 
   def setup(self):
     s = self.settings
-    if not s.backbone.startswith('resnet'):
-      raise NotImplementedError(f'backbone {s.backbone!r}: SpineNet arrives with issue 4; '
-                                'use resnet50 or resnet101')
-    self.backbone = resnet_lib.ResNet(depth=int(s.backbone[len('resnet'):]),
-                                      width_multiplier=s.width_multiplier, norm=s.norm,
-                                      dtype=s.dtype)
-    self.decoder = fpn_lib.FPN(min_level=s.min_level, max_level=s.max_level,
-                               num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
+    if s.backbone in catalogue.SPINENETS:
+      # Model Garden's SpineNet Mask R-CNN: endpoints min..max level feed the heads directly
+      # (decoder 'identity'). width_multiplier scales the block filters and the endpoint width.
+      spec = catalogue.SPINENETS[s.backbone]
+      spec = dataclasses.replace(
+          spec, filter_size_scale=spec.filter_size_scale * s.width_multiplier,
+          endpoints_num_filters=int(spec.endpoints_num_filters * s.width_multiplier))
+      self.backbone = spinenet_lib.SpineNet(
+          spec, min_level=s.min_level, max_level=s.max_level, norm=s.norm,
+          stochastic_depth=s.stochastic_depth, dtype=s.dtype)
+      self.decoder = None
+      feature_width = spec.endpoints_num_filters
+    else:
+      self.backbone = resnet_lib.ResNet(depth=int(s.backbone[len('resnet'):]),
+                                        width_multiplier=s.width_multiplier, norm=s.norm,
+                                        dtype=s.dtype)
+      self.decoder = fpn_lib.FPN(min_level=s.min_level, max_level=s.max_level,
+                                 num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
+      feature_width = s.fpn_filters
     num_scales, ratios, _ = s.anchor
     self.rpn_head = rpn_lib.RPNHead(num_anchors=num_scales * len(ratios),
-                                    num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
+                                    num_filters=feature_width, norm=s.norm, dtype=s.dtype)
     num_convs, num_filters, num_fcs, fc_dims, _ = s.box_head
     self.detection_head = roi_heads.DetectionHead(
         num_classes=s.num_classes, num_convs=num_convs, num_filters=num_filters,
@@ -136,16 +155,20 @@ class MaskRCNN(nn.Module):
       raise ValueError(f'images are {images.shape[1:]}; this model (data.image_size={size}) '
                        f'takes [B, {size}, {size}, 3]')
     x = (images.astype(jnp.float32) - jnp.array(MEAN_RGB)) / jnp.array(STDDEV_RGB)
-    return self.decoder(self.backbone(x.astype(self.settings.dtype), train=train), train=train)
+    endpoints = self.backbone(x.astype(self.settings.dtype), train=train)
+    if self.decoder is None:
+      return endpoints
+    return self.decoder(endpoints, train=train)
 
   def proposals(self, features, image_hw, train: bool):
     """RPN outputs and proposals [B, P, 4] (stop-gradient), with validity [B, P]."""
     s = self.settings
     scores, deltas = self.rpn_head(features, train=train)
     num_props = s.rpn[4] if train else s.rpn[5]
+    top_k = s.rpn[2] if train or s.test_pre_nms_top_k is None else s.test_pre_nms_top_k
     select = lambda d, l, h, w: nms_ops.select_proposals(  # noqa: E731
-        d, l, self.anchors(), h, w, pre_nms_top_k=s.rpn[2], iou_threshold=s.rpn[3],
-        num_proposals=num_props)
+        d, l, self.anchors(), h, w, pre_nms_top_k=top_k, iou_threshold=s.rpn[3],
+        num_proposals=num_props, keep_degenerate=s.keep_degenerate_proposals)
     boxes, _, valid = jax.vmap(select)(
         jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in deltas.items()}),
         jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in scores.items()}),

@@ -7,7 +7,8 @@ Semantics follow Model Garden (`official/vision/ops/nms.py` sorted_non_max_suppr
   box overlaps it with IoU >= iou_threshold. Degenerate boxes never suppress anything.
 * `select_proposals` (RPN): per level, sigmoid scores, decode (weights 1) and clip to the image,
   pre-NMS top-k, NMS, at most num_proposals kept per level; then the overall top num_proposals.
-  Boxes clipped to zero area are dropped (Model Garden drops only those clipped to (0, 0, 0, 0)).
+  Boxes clipped to zero area are dropped (Model Garden drops only those clipped to (0, 0, 0, 0);
+  `keep_degenerate=True` does the same).
   Model Garden defaults: train top-k 2000 / test 1000, NMS 0.7, 1000 proposals.
 * `class_aware_nms` (detections): per foreground class, pre-NMS top-k of that class's scores,
   scores > score_threshold, NMS, at most max_detections per class; then the overall top
@@ -65,7 +66,7 @@ def _top_k(scores, valid, k):
 def select_proposals(deltas: Mapping[int, jnp.ndarray], logits: Mapping[int, jnp.ndarray],
                      anchors: Mapping[int, jnp.ndarray], image_height, image_width,
                      pre_nms_top_k: int = 2000, iou_threshold: float = 0.7,
-                     num_proposals: int = 1000):
+                     num_proposals: int = 1000, keep_degenerate: bool = False):
   """RPN outputs -> proposals, Model Garden's multilevel ROI generator.
 
   Args:
@@ -76,6 +77,9 @@ def select_proposals(deltas: Mapping[int, jnp.ndarray], logits: Mapping[int, jnp
     pre_nms_top_k: highest-scoring boxes per level considered by NMS.
     iou_threshold: NMS IoU threshold.
     num_proposals: P, output size.
+    keep_degenerate: keep boxes clipped to zero height or width (they suppress nothing), as
+      Model Garden does; only boxes clipped to (0, 0, 0, 0) are dropped then. Default: drop
+      every zero-area box.
   Returns:
     boxes [P, 4], scores [P] (sigmoid), valid [P] bool.
   """
@@ -88,8 +92,11 @@ def select_proposals(deltas: Mapping[int, jnp.ndarray], logits: Mapping[int, jnp
     num_boxes = level_scores.shape[0]
     level_scores, idx = jax.lax.top_k(level_scores, min(num_boxes, pre_nms_top_k))
     level_boxes = level_boxes[idx]
-    keep, keep_valid = nms(level_boxes, level_scores, box_ops.area(level_boxes) > 0,
-                           iou_threshold, min(num_boxes, num_proposals))
+    # Model Garden's padded NMS keeps a selected box if any coordinate is > 0.
+    candidates = (jnp.any(level_boxes > 0, -1) if keep_degenerate
+                  else box_ops.area(level_boxes) > 0)
+    keep, keep_valid = nms(level_boxes, level_scores, candidates, iou_threshold,
+                           min(num_boxes, num_proposals))
     all_boxes.append(level_boxes[keep])
     all_scores.append(level_scores[keep])
     all_valid.append(keep_valid)
