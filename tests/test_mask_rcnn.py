@@ -38,6 +38,19 @@ def _loss_and_grads(model, config, variables, batch, key=2):
   return loss, parts, grads
 
 
+def _part_counts(config) -> dict[str, tuple[int, int]]:
+  """{top-level module: (params, batch_stats)} of the full-size model at 256 px (eval_shape)."""
+  model = mask_rcnn.MaskRCNN.from_config(config)
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(size=256))
+  batch['gt_masks'] = jnp.zeros((2, 8, 112, 112))
+  shapes = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'sampling': jax.random.key(1),
+       'dropout': jax.random.key(2)}, batch, train=True))
+  return {name: (layers.count_params(shapes['params'][name]),
+                 layers.count_params(shapes['batch_stats'].get(name, {})))
+          for name in shapes['params']}
+
+
 def test_full_size_head_parameter_counts_match_the_official_model():
   """R50-FPN Mask R-CNN with the HG-52 head: counts of each part equal Model Garden's."""
   config = deepmarc_spinenet.get_config()
@@ -45,14 +58,7 @@ def test_full_size_head_parameter_counts_match_the_official_model():
   config.model.min_level, config.model.max_level = 2, 6
   config.model.anchor.update(num_scales=1, anchor_size=8.0)
   config.data.image_size = 256
-  model = mask_rcnn.MaskRCNN.from_config(config)
-  batch = jax.tree_util.tree_map(jnp.asarray, _batch(size=256))
-  batch['gt_masks'] = jnp.zeros((2, 8, 112, 112))
-  shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), 'sampling': jax.random.key(1)}, batch, train=True))
-  counts = {name: (layers.count_params(shapes['params'][name]),
-                   layers.count_params(shapes['batch_stats'].get(name, {})))
-            for name in shapes['params']}
+  counts = _part_counts(config)
   assert counts['backbone'] == (23_508_032, 53_120)
   assert counts['decoder'] == (3_937_024, 2_560)
   assert counts['rpn_head'] == (596_495, 2_560)
@@ -143,15 +149,7 @@ def test_spinenet49_hourglass52_model_matches_the_official_parameter_counts():
   config.model.backbone.type = 'spinenet49'
   config.model.anchor.update(num_scales=1, anchor_size=3.0)
   config.data.image_size = 256
-  model = mask_rcnn.MaskRCNN.from_config(config)
-  batch = jax.tree_util.tree_map(jnp.asarray, _batch(size=256))
-  batch['gt_masks'] = jnp.zeros((2, 8, 112, 112))
-  shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), 'sampling': jax.random.key(1),
-       'dropout': jax.random.key(2)}, batch, train=True))
-  counts = {name: (layers.count_params(shapes['params'][name]),
-                   layers.count_params(shapes['batch_stats'].get(name, {})))
-            for name in shapes['params']}
+  counts = _part_counts(config)
   assert set(counts) == {'backbone', 'rpn_head', 'detection_head', 'mask_head'}  # no decoder
   assert counts['backbone'] == (21_831_488, 88_704)
   assert counts['rpn_head'] == (596_495, 2_560)

@@ -208,6 +208,11 @@ class StochasticDepth(nn.Module):
     return x / jnp.asarray(keep_prob, x.dtype) * keep.astype(x.dtype)
 
 
+def _conv_bn(norm: NormConfig, dtype: Dtype):
+  """ConvBN with SpineNet's settings (Keras VarianceScaling() kernels, bias-free, 'SAME')."""
+  return functools.partial(ConvBN, norm=norm, kernel_init=variance_scaling, dtype=dtype)
+
+
 class Block(nn.Module):
   """nn_blocks.BottleneckBlock (1x1 -> 3x3 -> 1x1, 4x filters out) or ResidualBlock (3x3 -> 3x3).
 
@@ -224,8 +229,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     act = _ACTIVATIONS[self.activation]
-    conv = functools.partial(ConvBN, norm=self.norm, kernel_init=variance_scaling,
-                             dtype=self.dtype)
+    conv = _conv_bn(self.norm, self.dtype)
     out_filters = 4 * self.filters if self.block_fn == 'bottleneck' else self.filters
     shortcut = x
     if self.use_projection:
@@ -254,8 +258,7 @@ class Resample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     act = _ACTIVATIONS[self.activation]
-    conv = functools.partial(ConvBN, norm=self.norm, kernel_init=variance_scaling,
-                             dtype=self.dtype)
+    conv = _conv_bn(self.norm, self.dtype)
     x = conv(self.hidden, 1, activation=act, name='conv_in')(x, train)
     if self.out_level > self.in_level:
       x = conv(self.hidden, 3, 2, activation=act, name='downsample')(x, train)
