@@ -1,6 +1,6 @@
 r"""Train-step and `detect` cost on the default device: compile time, step time, memory, FLOP/s.
 
-  .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,demo,detect]
+  .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,demo,demo_resnet,detect]
       [--repeats=3] [--breakdown] [--dtype=float32]
 
 Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `train_step`):
@@ -9,7 +9,9 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
             1000 proposals: the paper's Mask R-CNN recipe at 512.
   plain     the same Mask R-CNN with the default 4-conv mask head on proposal crops (crop 14 ->
             28x28, up to 128 foreground ROIs per image, Model Garden's mask sampler).
-  demo      `experiments/deepmarc_spinenet.py:demo` (128 px, batch 8): the CPU demo's step.
+  demo      `experiments/deepmarc_spinenet.py:demo` (quarter-width SpineNet-49, levels 2-6,
+            128 px, batch 8): the CPU demo's step.
+  demo_resnet  the same with the earlier demo's narrow R50-FPN (64 filters) as backbone.
   detect    `detect` (1000 proposals, top 100, hourglass52 masks) at 512, batch 1, s/image.
 
 Printed per case: compile seconds (lower + compile), step seconds (min and median of
@@ -63,8 +65,14 @@ def maskrcnn_512(head: str):
   return config
 
 
-def demo_config():
-  return deepmarc_spinenet.get_config('demo')
+def demo_config(backbone: str = 'spinenet49'):
+  """The CPU demo; `backbone='resnet50'` is the earlier demo's R50-FPN (64 filters) in place of
+  its quarter-width SpineNet-49, everything else equal."""
+  config = deepmarc_spinenet.get_config('demo')
+  if backbone != config.model.backbone.type:
+    config.model.backbone.type = backbone
+    config.model.fpn_filters = 64
+  return config
 
 
 def synthetic_batch(config, num_instances: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -224,7 +232,7 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
     print(f'  {name:<28s} {best:7.3f} s (median {median:7.3f}) fwd+bwd', flush=True)
 
 
-CASES = ('deepmarc', 'plain', 'demo', 'detect')
+CASES = ('deepmarc', 'plain', 'demo', 'demo_resnet', 'detect')
 
 
 def main():
@@ -251,8 +259,9 @@ def main():
       bench_train_step(case, config, num_instances=5, repeats=args.repeats)
       if args.breakdown:
         breakdown(config, num_instances=5, repeats=args.repeats)
-    elif case == 'demo':
-      bench_train_step('demo', configured(demo_config()), num_instances=5, repeats=args.repeats)
+    elif case in ('demo', 'demo_resnet'):
+      config = demo_config('resnet50' if case == 'demo_resnet' else 'spinenet49')
+      bench_train_step(case, configured(config), num_instances=5, repeats=args.repeats)
     else:
       bench_detect(configured(maskrcnn_512('deepmarc')), args.repeats)
 

@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_batches=config_dict.placeholder(int),  # evaluate only the first N batches
       mask_threshold=0.5,
       overlay_score_threshold=0.5,  # detections drawn in the workdir's predictions.png
+      # Also score masks predicted from the ground-truth boxes ('segm_gt_boxes'): no detector,
+      # so it measures the mask head alone (the paper's view of mask-head generalisation).
+      gt_box_masks=False,
       backend='faster_coco_eval',
   )
 

@@ -74,11 +74,7 @@ def oracle_eval(config, builder, split: dict[str, list[int]]) -> dict:
   dropped = 0
   for batch in tfds.as_numpy(ds):
     dropped += int(batch['num_dropped_instances'].sum())
-    keep = batch['gt_valid'] & ~batch['gt_is_crowd']
-    scale = batch['image_info'][:, 2:3, None]
-    evaluator.add_predictions(
-        batch['image_id'], batch['gt_boxes'] / scale, keep.astype(np.float32),
-        np.where(keep, batch['gt_classes'], 0), batch['gt_masks'], batch['example_valid'])
+    evaluate.add_gt_box_predictions(evaluator, batch, batch['gt_masks'])
   if dropped:
     logging.warning('%d eval instances beyond data.max_instances=%d were dropped (they count '
                     'as misses)', dropped, config.data.max_instances)

@@ -146,16 +146,42 @@ def make_detect(exp: Experiment):
   return jax.jit(detect, out_shardings=sharding.replicated(exp.mesh))
 
 
-def evaluate_model(exp: Experiment, state: TrainState, detect=None) -> dict:
+def make_segment_boxes(exp: Experiment):
+  """Jitted `(state, images [B,S,S,3] uint8, boxes [B,N,4] input pixels, classes [B,N]) ->
+  mask probabilities [B,N,m,m]` (see MaskRCNN.segment_boxes), replicated outputs."""
+  def segment(state: TrainState, images, boxes, classes):
+    return exp.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                           boxes, classes, method=mask_rcnn.MaskRCNN.segment_boxes)
+  return jax.jit(segment, out_shardings=sharding.replicated(exp.mesh))
+
+
+def _maybe_segment_boxes(exp: Experiment):
+  return make_segment_boxes(exp) if exp.config.eval.get('gt_box_masks', False) else None
+
+
+def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None) -> dict:
   """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split
-  (its first `config.eval.max_batches` batches when that is set)."""
+  (its first `config.eval.max_batches` batches when that is set).
+
+  With `config.eval.gt_box_masks`, also 'segm_gt_boxes': the segm stats of masks predicted
+  from the ground-truth boxes and classes (score 1, crowd boxes left out), no detector. It
+  isolates the mask head: detection errors cannot lower it.
+  """
   config = exp.config
   max_batches = config.eval.get('max_batches')
   detect = detect or make_detect(exp)
-  evaluator = evaluate.CocoEvaluator(
-      groundtruth.coco_groundtruth(exp.builder, config.data.eval_split),
-      seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
-      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+  with_gt_boxes = config.eval.get('gt_box_masks', False)
+  if with_gt_boxes:
+    segment = segment or make_segment_boxes(exp)
+  groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
+
+  def new_evaluator():
+    return evaluate.CocoEvaluator(
+        groundtruth_dataset, seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
+        mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+
+  evaluator = new_evaluator()
+  gt_box_evaluator = new_evaluator() if with_gt_boxes else None
   ds = pipeline.eval_dataset(config.data, exp.builder,
                              batch_size=config.eval.batch_size // jax.process_count(),
                              process_index=jax.process_index(),
@@ -163,15 +189,23 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None) -> dict:
   for i, batch in enumerate(tfds.as_numpy(ds)):
     if max_batches is not None and i >= max_batches:
       break
-    images = sharding.global_batch({'image': batch['image']}, exp.mesh)['image']
-    dets = jax.device_get(detect(state, images))
-    # This process scores its own examples (the detections are replicated).
-    lo = jax.process_index() * len(batch['image'])
-    dets = jax.tree_util.tree_map(lambda x: x[lo:lo + len(batch['image'])], dets)
+    inputs = sharding.global_batch(
+        {k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')}, exp.mesh)
+    # This process scores its own examples (the outputs are replicated).
+    local = len(batch['image'])
+    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    dets = {k: v[mine] for k, v in jax.device_get(detect(state, inputs['image'])).items()}
     scale = batch['image_info'][:, 2, None, None]
     evaluator.add_predictions(batch['image_id'], dets['boxes'] / scale, dets['scores'],
                               dets['classes'], dets['masks'], batch['example_valid'])
-  return evaluator.evaluate()
+    if with_gt_boxes:
+      masks = jax.device_get(segment(state, inputs['image'], inputs['gt_boxes'],
+                                     inputs['gt_classes']))[mine]
+      evaluate.add_gt_box_predictions(gt_box_evaluator, batch, masks)
+  results = evaluator.evaluate()
+  if with_gt_boxes:
+    results['segm_gt_boxes'] = gt_box_evaluator.evaluate()['segm']
+  return results
 
 
 def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, detect=None,
@@ -203,7 +237,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))))
   ckpt.close()
   detect = make_detect(exp)
-  results = evaluate_model(exp, state, detect)
+  results = evaluate_model(exp, state, detect, _maybe_segment_boxes(exp))
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
   _write_results(writer, workdir, int(state.step), results)
@@ -236,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       seed=config.seed, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())))
   train_step = make_train_step(exp)
-  detect = make_detect(exp)
+  detect, segment = make_detect(exp), _maybe_segment_boxes(exp)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   preempted = checkpoint.PreemptionFlag()
   step_rng = jax.random.fold_in(rng, 1)
@@ -270,7 +304,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {}
       if step % config.eval.every_steps == 0 or last:
         with report.timed('eval'):
-          results = evaluate_model(exp, state, detect)
+          results = evaluate_model(exp, state, detect, segment)
         _write_results(writer, workdir, step, results)
   finally:
     ckpt.wait()
@@ -278,7 +312,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     preempted.close()
     writer.flush()
   if results is None:  # nothing left to train: evaluate the restored state
-    results = evaluate_model(exp, state, detect)
+    results = evaluate_model(exp, state, detect, segment)
     _write_results(writer, workdir, int(state.step), results)
   if is_main:
     write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
@@ -295,6 +329,11 @@ def _write_results(writer, workdir: str, step: int, results: dict) -> None:
              for iou in evaluate.IOU_TYPES for name in evaluate.STAT_NAMES}
   scalars.update({f'{iou}/{split}_AP': results[iou][split]['AP']
                   for iou in evaluate.IOU_TYPES for split in evaluate.SPLITS})
+  if 'segm_gt_boxes' in results:
+    from_gt = results['segm_gt_boxes']
+    scalars['segm_gt_boxes/AP'] = from_gt['AP']
+    scalars.update({f'segm_gt_boxes/{split}_AP': from_gt[split]['AP']
+                    for split in evaluate.SPLITS})
   writer.write_scalars(step, {k: v for k, v in scalars.items() if np.isfinite(v)})
   if jax.process_index() == 0:
     evaluate.write_json(results, os.path.join(workdir, f'eval_{step}.json'))

@@ -7,7 +7,8 @@ calibrates and then perturbs the BatchNorm moving statistics, writes
 image (normalised as the Model Garden parser does):
   * 'spinenet': a narrow SpineNet-49 (identity decoder) + hourglass20 DeepMaskHead, 256 px,
     3 anchor scales, 6 classes; 'spinenet_default': the same trunk with the 'default' head;
-  * 'resnetfpn': a narrow ResNet-50 + FPN (levels 2-6) + hourglass52 head (crop 32), 128 px.
+  * 'resnetfpn': a narrow ResNet-50 + FPN (levels 2-6) + hourglass52 head (crop 32), 128 px;
+    'resnetfpn_hourglass100': the same trunk with the 'hourglass100' head.
 Official Keras layers are named per session, so the second model's backbone has shifted layer
 numbers: the converter's offset handling is exercised too.
 Each comparison prints max |ours - official| and that relative to max |official|, which must
@@ -156,7 +157,8 @@ ORACLE_SCRIPT = r'''
 
 argv: OUT_DIR INPUTS_NPZ. For each model NAME in the inputs ('spinenet', 'resnetfpn'):
 OUT_DIR/NAME/ckpt* (tf.train.Checkpoint(model=...)) and OUT_DIR/NAME.npz; for 'spinenet' also
-OUT_DIR/spinenet_default/ckpt* (same trunk, the 'default' DeepMaskHead) and its npz.
+OUT_DIR/spinenet_default/ckpt* (same trunk, the 'default' DeepMaskHead) and its npz, and
+OUT_DIR/resnetfpn_hourglass100/ckpt* (the ResNet-FPN trunk with the 'hourglass100' head).
 """
 import json
 import os
@@ -335,13 +337,13 @@ def run(name, experiment, overrides):
   return model, cfg, images, boxes, rois, rng
 
 
-def with_default_head(model, cfg, images, boxes, rois, rng):
-  """The same trunk with the 'default' DeepMaskHead (4 x conv + BN + ReLU)."""
+def with_head(model, cfg, images, boxes, rois, rng, convnet_variant):
+  """The same trunk with another DeepMaskHead variant (e.g. 'default': 4 x conv + BN + ReLU)."""
   mh, na = cfg.mask_head, cfg.norm_activation
   head = deep_heads.DeepMaskHead(
       num_classes=cfg.num_classes, upsample_factor=mh.upsample_factor, num_convs=mh.num_convs,
       num_filters=mh.num_filters, norm_momentum=na.norm_momentum, norm_epsilon=na.norm_epsilon,
-      class_agnostic=mh.class_agnostic, convnet_variant='default')
+      class_agnostic=mh.class_agnostic, convnet_variant=convnet_variant)
   other = deep_model.DeepMaskRCNNModel(**dict(model.get_config(), mask_head=head))
   _, feats = other._get_backbone_and_decoder_features(images)
   head([other.mask_roi_aligner(feats, rois), tf.zeros(rois.shape[:2], tf.int32)])  # build
@@ -356,10 +358,12 @@ if 'spinenet' in SPEC:
   # SCALING_MAP rows are fixed, so the test registers its own row.
   spinenet.SCALING_MAP['test'] = SPEC['spinenet']['scaling']
   args = run('spinenet', 'deep_mask_head_rcnn_spinenet_coco', SPEC['spinenet']['overrides'])
-  other, out = with_default_head(*args)
+  other, out = with_head(*args, 'default')
   save(other, 'spinenet_default', out)
 if 'resnetfpn' in SPEC:
-  run('resnetfpn', 'deep_mask_head_rcnn_resnetfpn_coco', SPEC['resnetfpn']['overrides'])
+  args = run('resnetfpn', 'deep_mask_head_rcnn_resnetfpn_coco', SPEC['resnetfpn']['overrides'])
+  other, out = with_head(*args, 'hourglass100')  # 6 stages: needs the 32 px crops
+  save(other, 'resnetfpn_hourglass100', out)
 '''
 
 
@@ -523,7 +527,8 @@ def test_box_head_and_detections_on_fixed_rois(which, request):
 
 
 @pytest.mark.parametrize('name, mask_head', [
-    ('spinenet', None), ('spinenet_default', 'default'), ('resnetfpn', None)])
+    ('spinenet', None), ('spinenet_default', 'default'), ('resnetfpn', None),
+    ('resnetfpn_hourglass100', 'hourglass100')])
 def test_segment_boxes_masks(official, spine, fpn, name, mask_head):
   """Mask logits and probabilities for user boxes: official `_features_to_mask_outputs` and
   `call_images_and_boxes` vs our `mask_logits` and `segment_boxes`."""

@@ -425,3 +425,9 @@ def test_write_json_and_format_table(tmp_path):
   lines = evaluate.format_table(results).splitlines()
   assert [line.split()[0] for line in lines[1:]] == ['bbox', 'segm']
   assert lines[2].split()[1:] == ['50.00', '50.00', '50.00', '50.00', '-']
+  # With masks from the GT boxes (train.evaluate_model, eval.gt_box_masks): one more row.
+  results['segm_gt_boxes'] = dict(results['segm'], AP=0.25)
+  lines = evaluate.format_table(results).splitlines()
+  assert [line.split()[0] for line in lines[1:4]] == ['bbox', 'segm', 'segm@GT']
+  assert lines[3].split()[1:3] == ['25.00', '50.00']
+  assert 'ground-truth boxes' in lines[4]

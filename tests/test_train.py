@@ -105,3 +105,47 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
 def jax_leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree_util.tree_leaves(tree)
+
+
+def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir):
+  """evaluate_model's no-detector view ('segm_gt_boxes'), with a mask head that returns each
+  image's own ground-truth masks: it must score what prepare.oracle_eval scores for the same
+  masks (~100 AP, seen and unseen alike), while the empty detector scores 0."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.config()
+  config.data.data_dir = shapes_data_dir
+  config.eval.update(gt_box_masks=True, max_batches=None, batch_size=8)
+  exp = train.setup(config)
+  masks_of_image = {}
+  for batch in tfds.as_numpy(pipeline.eval_dataset(config.data, exp.builder, batch_size=8)):
+    for image, masks, valid in zip(batch['image'], batch['gt_masks'], batch['example_valid']):
+      if valid:
+        masks_of_image[image.tobytes()] = masks
+  fallback = np.zeros_like(next(iter(masks_of_image.values())))
+
+  def perfect_segment(state, images, boxes, classes):
+    del state, classes
+    images = np.asarray(images)
+    assert np.asarray(boxes).shape[:2] == (len(images), config.data.max_instances)
+    return np.stack([masks_of_image.get(image.tobytes(), fallback) for image in images])
+
+  def empty_detect(state, images):
+    del state
+    k = 4
+    return {'boxes': np.zeros((len(images), k, 4), np.float32),
+            'scores': np.zeros((len(images), k), np.float32),
+            'classes': np.zeros((len(images), k), np.int32),
+            'masks': np.zeros((len(images), k, 8, 8), np.float32)}
+
+  results = train.evaluate_model(exp, None, empty_detect, perfect_segment)
+  oracle = prepare.oracle_eval(config, exp.builder, exp.split_ids)['segm']
+  from_gt = results['segm_gt_boxes']
+  assert from_gt['AP'] == pytest.approx(oracle['AP'], abs=1e-9) and from_gt['AP'] > 0.95
+  for split in ('seen', 'unseen'):
+    assert from_gt[split]['AP'] == pytest.approx(oracle[split]['AP'], abs=1e-9)
+    assert from_gt[split]['AP'] > 0.95
+  assert results['segm']['AP'] == 0.0 and results['bbox']['AP'] == 0.0

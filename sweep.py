@@ -1,0 +1,85 @@
+r"""Grid sweeps of run.py: `python sweep.py --config=experiments/FILE.py[:arg] --sweep_dir=DIR`.
+
+The config file is an experiment file that also defines `get_sweep(arg) -> {field: [values]}`
+(dotted config fields, as in `run.py --config.<field>=<value>`); the grid is their product, first
+axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_crops=gt__seed=0.
+
+  python sweep.py --config=experiments/mask_head_sweep.py --sweep_dir=DIR
+      Runs the unfinished cells one after another (a finished cell has its final
+      eval_<train.total_steps>.json; an unfinished one resumes from its checkpoints), each as a
+      subprocess logging to DIR/<cell>/log.txt; rewrites DIR/report.md and DIR/report.png after
+      each cell. Exits non-zero if a cell failed (the others still run).
+  --only=type=hourglass20,default --only=seed=0
+      Only these values of these axes (full field or its last component).
+  --print_commands
+      Prints one run.py command per cell (e.g. for a cluster), finished cells as comments
+      '# finished: <cell>'; runs nothing.
+  --report_only
+      Only rewrites the report from the cells finished so far.
+
+The report always covers the whole declared grid; --only limits what is run or printed.
+"""
+import sys
+
+from absl import app
+from absl import flags
+
+from deepmarc_jax import sweep as sweep_lib
+from deepmarc_jax import sweep_report
+
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'Sweep config: an experiment file with get_config and get_sweep, '
+    'e.g. experiments/mask_head_sweep.py[:arg].')
+_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Folder of the cells\' workdirs and report.')
+_ONLY = flags.DEFINE_multi_string(
+    'only', [], 'FIELD=V1,V2: run only these values of one axis (repeatable, one per axis).')
+_PRINT_COMMANDS = flags.DEFINE_bool(
+    'print_commands', False,
+    'Print the run.py command of each cell (finished ones as comments); run nothing.')
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'Only rewrite report.md and report.png from the finished cells.')
+flags.mark_flags_as_required(['config', 'sweep_dir'])
+
+
+def _fail(message: str) -> None:
+  sys.stderr.write(f'FATAL: {message}\n')
+  sys.exit(2)
+
+
+def _write_report(sweep: sweep_lib.Sweep) -> dict:
+  """Writes the report of the whole declared grid; returns write_report's dict."""
+  return sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
+                                   config=sweep.config_flag)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {argv[1:]}')
+  if _PRINT_COMMANDS.value and _REPORT_ONLY.value:
+    _fail('--print_commands and --report_only exclude each other; give one')
+  try:
+    sweep = sweep_lib.load(_CONFIG.value, _SWEEP_DIR.value, _ONLY.value)
+  except ValueError as e:
+    _fail(str(e))
+  sweep_lib.write_sweep_json(sweep, _ONLY.value)
+
+  if _PRINT_COMMANDS.value:
+    print('\n'.join(sweep_lib.command_lines(sweep)))
+    return
+  if _REPORT_ONLY.value:
+    report = _write_report(sweep)
+    print(f'{len(report["rows"])} of {len(sweep.all_cells)} cells finished; '
+          f'report: {report["markdown"]}')
+    return
+
+  failed = sweep_lib.run(sweep, after_cell=lambda: _write_report(sweep),
+                         log=lambda line: print(line, flush=True))  # live even when piped
+  report = _write_report(sweep)
+  print(f'report: {report["markdown"]}')
+  if failed:
+    print(f'{len(failed)} cell(s) failed (see their log.txt): {", ".join(failed)}')
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,462 @@
+"""Sweeps: grid cells and names, --only, finished cells, the runner, commands and the report.
+
+Everything runs on a fake sweep config (a plain ConfigDict, no model code) and fake cells: no
+JAX, no training.
+"""
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepmarc_jax import sweep as sweep_lib
+from deepmarc_jax import sweep_report
+from tests.conftest import REPO
+
+FAKE_CONFIG = textwrap.dedent('''\
+    """A fake sweep config: the fields a sweep touches, nothing else."""
+    import ml_collections
+
+    GRIDS = {
+        None: {'model.mask_head.type': ['default', 'resnet4'],
+               'model.mask_head.train_crops': ['gt', 'proposals'],
+               'seed': [0, 1]},
+        'steps': {'train.total_steps': [5, 7], 'seed': [0]},
+        'dup': {'model.mask_head.seed': [1, 2], 'train.seed': [0, 1]},
+        'slash': {'model.mask_head.type': ['a/b']},
+        'space': {'model.mask_head.type': ['a b']},
+        'comma': {'model.mask_head.type': ['a,b']},
+        'repeat': {'seed': [1, '1']},
+        'typo': {'model.mask_head.tpye': ['x']},
+    }
+
+
+    def get_config(arg=None):
+      config = ml_collections.ConfigDict()
+      config.seed = 0
+      config.train = ml_collections.ConfigDict({'total_steps': 100, 'seed': 0})
+      config.model = ml_collections.ConfigDict()
+      config.model.mask_head = ml_collections.ConfigDict(
+          {'type': 'default', 'train_crops': 'gt', 'seed': 0})
+      return config
+
+
+    def get_sweep(arg=None):
+      return GRIDS[arg]
+''')
+
+# A stand-in for run.py: writes eval_100.json into its workdir, fails for the resnet4 head.
+FAKE_RUN_PY = textwrap.dedent('''\
+    import json, os, sys
+    args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+    print('fake run.py', sys.argv[1:])
+    if args.get('config.model.mask_head.type') == 'resnet4':
+      sys.exit(3)
+    with open(os.path.join(args['workdir'], 'eval_100.json'), 'w') as f:
+      json.dump({'segm': {'seen': {'AP': 0.5}, 'unseen': {'AP': 0.25}}, 'bbox': {'AP': 0.4}}, f)
+''')
+
+DEFAULT_NAMES = [
+    'type=default__train_crops=gt__seed=0', 'type=default__train_crops=gt__seed=1',
+    'type=default__train_crops=proposals__seed=0', 'type=default__train_crops=proposals__seed=1',
+    'type=resnet4__train_crops=gt__seed=0', 'type=resnet4__train_crops=gt__seed=1',
+    'type=resnet4__train_crops=proposals__seed=0', 'type=resnet4__train_crops=proposals__seed=1']
+
+
+@pytest.fixture
+def config_path(tmp_path):
+  path = tmp_path / 'fake_sweep.py'
+  path.write_text(FAKE_CONFIG)
+  return str(path)
+
+
+def _load(config_path, tmp_path, arg=None, only=()):
+  flag = config_path if arg is None else f'{config_path}:{arg}'
+  return sweep_lib.load(flag, str(tmp_path / 'sweep'), only)
+
+
+def _eval_json(seen, unseen, box, gt=None):
+  """An eval_<step>.json as evaluate.write_json writes it (fractions, None for NaN)."""
+  results = {'bbox': {'AP': box, 'AP50': None, 'seen': {'AP': box}, 'unseen': {'AP': box}},
+             'segm': {'AP': None, 'seen': {'AP': seen}, 'unseen': {'AP': unseen}},
+             'num_images': 64}
+  if gt is not None:
+    results['segm_gt_boxes'] = {'AP': None, 'seen': {'AP': gt[0]}, 'unseen': {'AP': gt[1]}}
+  return results
+
+
+def _finish(sweep, cell, results=None, step=None):
+  """Writes a cell's eval JSON (at its total_steps unless `step`)."""
+  workdir = cell.workdir(sweep.sweep_dir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, f'eval_{step or cell.total_steps}.json'), 'w') as f:
+    json.dump(results or _eval_json(0.1, 0.2, 0.3), f)
+
+
+def _workdir_of(argv):
+  return next(a.split('=', 1)[1] for a in argv if a.startswith('--workdir='))
+
+
+# Grid, names, narrowing.
+
+
+def test_grid_order_and_cell_names(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  assert [c.name for c in sweep.cells] == DEFAULT_NAMES
+  assert sweep.cells[5].overrides == {'model.mask_head.type': 'resnet4',
+                                      'model.mask_head.train_crops': 'gt', 'seed': 1}
+  assert all(c.total_steps == 100 for c in sweep.cells)
+  assert sweep.cells == sweep.all_cells
+
+
+def test_total_steps_come_from_the_resolved_cell_config(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, 'steps')
+  assert [(c.name, c.total_steps) for c in sweep.cells] == [
+      ('total_steps=5__seed=0', 5), ('total_steps=7__seed=0', 7)]
+
+
+def test_clashing_short_names_use_the_full_field(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, 'dup')
+  assert sweep.cells[1].name == 'model.mask_head.seed=1__train.seed=1'
+  with pytest.raises(ValueError, match=r"'seed' is ambiguous.*'model.mask_head.seed', "
+                                       r"'train.seed'.*use the full field"):
+    _load(config_path, tmp_path, 'dup', only=['seed=1'])
+  narrowed = _load(config_path, tmp_path, 'dup', only=['model.mask_head.seed=2'])
+  assert [c.name for c in narrowed.cells] == ['model.mask_head.seed=2__train.seed=0',
+                                              'model.mask_head.seed=2__train.seed=1']
+
+
+@pytest.mark.parametrize('arg', ['slash', 'space', 'comma'])
+def test_bad_values_are_rejected(config_path, tmp_path, arg):
+  with pytest.raises(ValueError, match=r"model.mask_head.type.*not allowed.*'/', ','"):
+    _load(config_path, tmp_path, arg)
+
+
+def test_values_with_equal_str_are_rejected(config_path, tmp_path):
+  with pytest.raises(ValueError, match=r"'seed': values \['1'\] appear more than once"):
+    _load(config_path, tmp_path, 'repeat')
+
+
+def test_unknown_config_field_is_rejected(config_path, tmp_path):
+  with pytest.raises(ValueError, match=r"'model.mask_head.tpye'.*no field 'tpye'"):
+    _load(config_path, tmp_path, 'typo')
+
+
+def test_only_narrows_by_short_and_full_names(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['type=resnet4,default', 'seed=0'])
+  assert [c.name for c in sweep.cells] == [DEFAULT_NAMES[i] for i in (0, 2, 4, 6)]
+  assert sweep.grid['model.mask_head.type'] == ['default', 'resnet4']  # grid order kept
+  assert sweep.grid['seed'] == [0] and len(sweep.all_cells) == 8
+  full = _load(config_path, tmp_path, only=['model.mask_head.train_crops=proposals'])
+  assert [c.name for c in full.cells] == [DEFAULT_NAMES[i] for i in (2, 3, 6, 7)]
+
+
+@pytest.mark.parametrize('only,message', [
+    (['typ=default'], r"'typ' is not a sweep axis; allowed: \[.*'model.mask_head.type'.*'type'"),
+    (['type=hourglass20'], r"\['hourglass20'\] not among the values of 'model.mask_head.type'; "
+                           r"allowed: \['default', 'resnet4'\]"),
+    (['seed=2'], r"\['2'\] not among .*allowed: \['0', '1'\]"),
+    (['seed'], r'expected FIELD=VALUE'),
+    (['type=default', 'model.mask_head.type=resnet4'], r'narrowed twice'),
+])
+def test_only_errors(config_path, tmp_path, only, message):
+  with pytest.raises(ValueError, match=message):
+    _load(config_path, tmp_path, only=only)
+
+
+def test_missing_get_sweep(tmp_path):
+  path = tmp_path / 'plain.py'
+  path.write_text('def get_config(arg=None):\n  return None\n')
+  with pytest.raises(ValueError, match='defines no get_sweep'):
+    sweep_lib.load(str(path), str(tmp_path / 'sweep'))
+
+
+# Finished cells, commands.
+
+
+def test_finished_needs_the_final_eval(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  _finish(sweep, sweep.cells[0])
+  _finish(sweep, sweep.cells[1], step=50)  # an intermediate eval only
+  assert [c.finished(sweep.sweep_dir) for c in sweep.cells[:3]] == [True, False, False]
+
+
+def test_print_commands(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0'])
+  _finish(sweep, sweep.cells[1])
+  lines = sweep_lib.command_lines(sweep)
+  assert len(lines) == 4 and lines[1] == f'# finished: {sweep.cells[1].name}'
+  argv = shlex.split(lines[3])
+  assert argv[:4] == [sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
+                      f'--workdir={tmp_path}/sweep/{sweep.cells[3].name}']
+  assert argv[4:] == ['--config.model.mask_head.type=resnet4',
+                      '--config.model.mask_head.train_crops=proposals', '--config.seed=0']
+
+
+def test_commands_keep_the_config_arg_and_quote(tmp_path):
+  path = tmp_path / 'with space' / 'cfg.py'
+  path.parent.mkdir()
+  path.write_text(FAKE_CONFIG)
+  sweep = sweep_lib.load(f'{path}:steps', str(tmp_path / 'sweep'))
+  argv = shlex.split(sweep_lib.command_lines(sweep)[0])
+  assert argv[2] == f'--config={path}:steps' and argv[4] == '--config.train.total_steps=5'
+
+
+# The runner.
+
+
+class FakeRunner:
+  """Records commands; 'finishes' a cell (writes its eval) unless its head is in `fail`."""
+
+  def __init__(self, sweep, fail=()):
+    self.sweep, self.fail, self.calls = sweep, fail, []
+
+  def __call__(self, argv, cwd, log_path):
+    self.calls.append((list(argv), cwd, log_path))
+    workdir = _workdir_of(argv)
+    assert os.path.isdir(workdir) and log_path == os.path.join(workdir, 'log.txt')
+    if any(f'--config.model.mask_head.type={f}' in argv for f in self.fail):
+      return 1
+    cell = next(c for c in self.sweep.cells if c.workdir(self.sweep.sweep_dir) == workdir)
+    _finish(self.sweep, cell)
+    return 0
+
+
+def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  for i in (0, 3):
+    _finish(sweep, sweep.cells[i])
+  runner, messages, reports = FakeRunner(sweep, fail=('resnet4',)), [], []
+  failed = sweep_lib.run(sweep, runner, after_cell=lambda: reports.append(1),
+                         log=messages.append)
+  ran = [c for i, c in enumerate(sweep.cells) if i not in (0, 3)]
+  assert [call[0] for call in runner.calls] == [sweep_lib.command(sweep, c) for c in ran]
+  assert runner.calls[0][0] == [
+      sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
+      f'--workdir={sweep.sweep_dir}/{DEFAULT_NAMES[1]}', '--config.model.mask_head.type=default',
+      '--config.model.mask_head.train_crops=gt', '--config.seed=1']
+  assert all(call[1] == str(REPO) for call in runner.calls)
+  assert failed == DEFAULT_NAMES[4:] and len(reports) == 6
+  assert messages[0] == '2 of 8 cells already finished; 6 to run'
+  assert messages[-1].startswith(f'[6/6] end {DEFAULT_NAMES[7]}: ')
+  assert messages[-1].endswith('exit status 1, FAILED')
+  record = sweep_lib.read_cell_record(ran[0].workdir(sweep.sweep_dir))
+  assert record['returncode'] == 0 and record['command'] == runner.calls[0][0]
+  assert record['overrides'] == ran[0].overrides and record['attempts'] == 1
+  assert 0 <= record['wall_seconds'] < 5 and record['finished_utc'].endswith('+00:00')
+  assert sweep_lib.read_cell_record(sweep.cells[4].workdir(sweep.sweep_dir))['returncode'] == 1
+  # Re-running runs exactly the failed cells again.
+  runner = FakeRunner(sweep, fail=('resnet4',))
+  assert sweep_lib.run(sweep, runner, log=messages.append) == DEFAULT_NAMES[4:]
+  assert [_workdir_of(call[0]) for call in runner.calls] == [
+      os.path.join(sweep.sweep_dir, n) for n in DEFAULT_NAMES[4:]]
+
+
+def test_resumed_cell_accumulates_wall_time(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['type=default', 'train_crops=gt', 'seed=0'])
+  cell = sweep.cells[0]
+  sweep_lib.write_json_atomic({'wall_seconds': 100.0, 'attempts': 1},
+                              os.path.join(cell.workdir(sweep.sweep_dir), 'sweep_cell.json'))
+  assert sweep_lib.run(sweep, FakeRunner(sweep), log=lambda _: None) == []
+  record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
+  assert 100.0 <= record['wall_seconds'] < 105 and record['attempts'] == 2
+
+
+def test_interrupted_cell_records_its_time(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0'])
+
+  def interrupted(argv, cwd, log_path):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    sweep_lib.run(sweep, interrupted, log=lambda _: None)
+  record = sweep_lib.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
+  assert record['returncode'] == -signal.SIGINT and record['wall_seconds'] >= 0
+  assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir)) is None
+
+
+def test_exit_zero_without_final_eval_is_a_failure(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0', 'type=default', 'train_crops=gt'])
+  messages = []
+  assert sweep_lib.run(sweep, lambda *_: 0, log=messages.append) == [sweep.cells[0].name]
+  assert messages[-1].endswith('exit status 0 but no eval_100.json, FAILED')
+
+
+def test_run_through_a_real_subprocess(config_path, tmp_path):
+  fake_run_py = tmp_path / 'fake_run.py'
+  fake_run_py.write_text(FAKE_RUN_PY)
+  sweep = _load(config_path, tmp_path, only=['seed=0', 'train_crops=gt'])
+
+  def run_fake(argv, cwd, log_path):  # the real subprocess runner, on the fake run.py
+    return sweep_lib.run_subprocess([argv[0], str(fake_run_py)] + list(argv[2:]), cwd, log_path)
+
+  assert sweep_lib.run(sweep, run_fake, log=lambda _: None) == [sweep.cells[1].name]
+  assert sweep.cells[0].finished(sweep.sweep_dir)
+  log = open(os.path.join(sweep.cells[0].workdir(sweep.sweep_dir), 'log.txt')).read()
+  assert '=== ' in log and "fake run.py ['--config=" in log
+  assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir))['returncode'] == 3
+
+
+# The report.
+
+# (head, crops) -> per seed (seen, unseen, box) mask/box AP fractions; None = null.
+REPORT_VALUES = {
+    ('default', 'gt'): [(0.10, 0.05, 0.30), (0.12, 0.07, 0.32)],
+    ('default', 'proposals'): [(0.11, 0.04, 0.31), (0.15, None, 0.29)],
+    ('resnet4', 'gt'): [(0.20, 0.13, 0.33), (0.23, 0.17, 0.36)],
+    ('resnet4', 'proposals'): [(0.21, 0.12, 0.34)],  # seed 1 unfinished
+}
+
+
+@pytest.fixture
+def reported(config_path, tmp_path):
+  """A sweep with 7 of 8 cells finished; returns (sweep, write_report's dict)."""
+  sweep = _load(config_path, tmp_path)
+  for cell in sweep.cells:
+    key = (cell.overrides['model.mask_head.type'], cell.overrides['model.mask_head.train_crops'])
+    seeds = REPORT_VALUES[key]
+    if cell.overrides['seed'] < len(seeds):
+      seen, unseen, box = seeds[cell.overrides['seed']]
+      gt = (seen + 0.1, 0.3) if key[0] == 'resnet4' else None
+      _finish(sweep, cell, _eval_json(seen, unseen, box, gt))
+      sweep_lib.write_json_atomic({'wall_seconds': 60.0 * (1 + cell.overrides['seed'])},
+                                  os.path.join(cell.workdir(sweep.sweep_dir), 'sweep_cell.json'))
+  return sweep, sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
+                                          config=sweep.config_flag)
+
+
+def _table_rows(markdown):
+  """{(type, train_crops): {column: text}} of the report's table."""
+  lines = [line for line in markdown.splitlines() if line.startswith('|')]
+  header = [h.strip() for h in lines[0].strip('|').split('|')]
+  rows = [dict(zip(header, (c.strip() for c in line.strip('|').split('|')))) for line in lines[2:]]
+  return {(r['type'], r['train_crops']): r for r in rows}
+
+
+def test_report_means_and_sds_match_numpy(reported):
+  _, report = reported
+  markdown = open(report['markdown']).read()
+  table = _table_rows(markdown)
+  assert list(table) == list(REPORT_VALUES)  # grid order
+  seen = [v[0] for v in REPORT_VALUES[('resnet4', 'gt')]]
+  assert table[('resnet4', 'gt')]['seen mask AP (%)'] == (
+      f'{100 * np.mean(seen):.1f} ± {100 * np.std(seen, ddof=1):.1f}')
+  box = [v[2] for v in REPORT_VALUES[('default', 'proposals')]]
+  assert table[('default', 'proposals')]['box AP (%)'] == (
+      f'{100 * np.mean(box):.1f} ± {100 * np.std(box, ddof=1):.1f}')
+  assert table[('resnet4', 'proposals')]['seen mask AP (%)'] == '21.0'  # one seed: the mean
+  assert [table[k]['n'] for k in REPORT_VALUES] == ['2', '2', '2', '1']
+  assert table[('default', 'gt')]['wall min'] == '1.5'
+  group = report['groups'][2]
+  assert group.key == {'model.mask_head.type': 'resnet4', 'model.mask_head.train_crops': 'gt'}
+  unseen = [v[1] for v in REPORT_VALUES[('resnet4', 'gt')]]
+  assert math.isclose(group.stats['unseen mask AP'].mean, np.mean(unseen))
+  assert math.isclose(group.stats['unseen mask AP'].sd, np.std(unseen, ddof=1))
+  assert '± = mean ± sample standard deviation' in markdown.replace('"a ± b"', '±')
+
+
+def test_report_skips_and_counts_nulls(reported):
+  _, report = reported
+  markdown = open(report['markdown']).read()
+  stat = report['groups'][1].stats['unseen mask AP']
+  assert (stat.mean, stat.count, stat.nulls) == (0.04, 1, 1) and math.isnan(stat.sd)
+  assert _table_rows(markdown)[('default', 'proposals')]['unseen mask AP (%)'] == '4.0 (1 null)'
+  # The GT-box columns exist (resnet4 has them); the default head's cells have no value there.
+  assert _table_rows(markdown)[('default', 'gt')]['seen mask AP (GT boxes) (%)'] == '-'
+  assert _table_rows(markdown)[('resnet4', 'gt')]['unseen mask AP (GT boxes) (%)'] == '30.0 ± 0.0'
+  assert '1 null value(s)' in markdown
+
+
+def test_report_lists_missing_cells_and_writes_a_png(reported):
+  sweep, report = reported
+  markdown = open(report['markdown']).read()
+  assert f'7 of 8 cells finished; missing: `{DEFAULT_NAMES[7]}`.' in markdown
+  with open(report['png'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert os.path.getsize(report['png']) > 1000
+  with Image.open(report['png']) as image:
+    width, height = image.size
+  assert width > 500 and height > 700  # two rows of panels: GT-box results are present
+  assert report['png'] == os.path.join(sweep.sweep_dir, 'report.png')
+
+
+def test_report_without_finished_cells(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  report = sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells)
+  markdown = open(report['markdown']).read()
+  assert '0 of 8 cells finished' in markdown and 'No cell has finished yet' in markdown
+  assert report['png'] is None and not os.path.exists(os.path.join(sweep.sweep_dir, 'report.png'))
+
+
+# The CLI.
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, str(REPO / 'sweep.py'), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_cli_print_commands_and_report_only(config_path, tmp_path):
+  sweep_dir = tmp_path / 'sweep'
+  sweep = _load(config_path, tmp_path)
+  _finish(sweep, sweep.cells[0], _eval_json(0.1, 0.2, 0.3))
+  result = _cli(f'--config={config_path}', f'--sweep_dir={sweep_dir}', '--only=seed=0',
+                '--print_commands')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == f'# finished: {DEFAULT_NAMES[0]}' and len(lines) == 4
+  argv = shlex.split(lines[1])
+  assert argv[1] == str(REPO / 'run.py') and argv[3] == f'--workdir={sweep_dir}/{DEFAULT_NAMES[2]}'
+  assert argv[4:] == ['--config.model.mask_head.type=default',
+                      '--config.model.mask_head.train_crops=proposals', '--config.seed=0']
+  written = json.loads((sweep_dir / 'sweep.json').read_text())
+  assert written['grid']['seed'] == [0] and written['cells'] == DEFAULT_NAMES[0::2]
+  assert written['config'] == config_path and written['config_arg'] is None
+
+  result = _cli(f'--config={config_path}', f'--sweep_dir={sweep_dir}', '--report_only')
+  assert result.returncode == 0, result.stderr
+  assert '1 of 8 cells finished' in result.stdout
+  assert '1 of 8 cells finished; missing:' in (sweep_dir / 'report.md').read_text()
+  assert (sweep_dir / 'report.png').stat().st_size > 0
+  assert not (sweep_dir / DEFAULT_NAMES[1]).exists()  # nothing ran
+
+
+def test_cli_bad_only_fails_with_one_line(config_path, tmp_path):
+  result = _cli(f'--config={config_path}', f'--sweep_dir={tmp_path / "sweep"}',
+                '--only=type=hourglass99', '--print_commands')
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.startswith("FATAL: --only='type=hourglass99': ['hourglass99'] not among")
+  assert "allowed: ['default', 'resnet4']" in result.stderr
+
+
+def test_sweep_modules_do_not_import_jax():
+  code = ('import sys; sys.argv = ["sweep.py"]; import importlib.util as u; '
+          's = u.spec_from_file_location("cli", "sweep.py"); m = u.module_from_spec(s); '
+          's.loader.exec_module(m); import deepmarc_jax.sweep_report; '
+          'print(sorted(k for k in ("jax", "tensorflow", "flax") if k in sys.modules))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+  assert result.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('arg', [None, 'quick'])
+def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
+  """experiments/mask_head_sweep.py: every cell's resolved config passes validation (e.g. the
+  six-stage hourglass52 gets crops it can halve five times) and scores masks from GT boxes."""
+  from deepmarc_jax import config_lib  # pylint: disable=g-import-not-at-top
+  path = str(REPO / 'experiments' / 'mask_head_sweep.py')
+  flag = path if arg is None else f'{path}:{arg}'
+  sweep = sweep_lib.load(flag, str(tmp_path))
+  module = sweep_lib.load_module(path)
+  assert len(sweep.all_cells) == (2 if arg else 20)
+  for cell in sweep.all_cells:
+    config = sweep_lib.apply_overrides(module.get_config(arg), cell.overrides)
+    config_lib.validate(config)
+    assert config.eval.gt_box_masks and cell.total_steps == config.train.total_steps
