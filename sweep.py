@@ -9,6 +9,16 @@ axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_
       eval_<train.total_steps>.json; an unfinished one resumes from its checkpoints), each as a
       subprocess logging to DIR/<cell>/log.txt; rewrites DIR/report.md and DIR/report.png after
       each cell. Exits non-zero if a cell failed (the others still run).
+  --parallel=N
+      Runs N cells at a time (default 1), starting them in grid order. On Linux each running cell
+      is pinned to its own contiguous slice of the CPUs (N at most the CPU count), so the cells'
+      XLA thread pools do not oversubscribe the cores: --parallel=2 on a 2-core machine pins each
+      cell to one core, ~1.5x the throughput of one cell on both cores (the mask-head sweep's
+      default-head cells: 0.67 s/step each, two at a time, vs 0.51 s/step alone); elsewhere
+      cells run unpinned. Ctrl-C sends the running cells SIGTERM (run.py checkpoints and
+      exits, so they resume on the next run) and kills them if they have not exited after two
+      minutes, or at once on a second Ctrl-C. Has no effect with --print_commands or
+      --report_only.
   --only=type=hourglass20,default --only=seed=0
       Only these values of these axes (full field or its last component).
   --print_commands
@@ -26,6 +36,7 @@ from absl import flags
 
 from deepmarc_jax import sweep as sweep_lib
 from deepmarc_jax import sweep_report
+from deepmarc_jax import sweep_runner
 
 _CONFIG = flags.DEFINE_string(
     'config', None, 'Sweep config: an experiment file with get_config and get_sweep, '
@@ -38,6 +49,9 @@ _PRINT_COMMANDS = flags.DEFINE_bool(
     'Print the run.py command of each cell (finished ones as comments); run nothing.')
 _REPORT_ONLY = flags.DEFINE_bool(
     'report_only', False, 'Only rewrite report.md and report.png from the finished cells.')
+_PARALLEL = flags.DEFINE_integer(
+    'parallel', 1, 'Cells run at a time; on Linux each is pinned to its own share of the CPUs. '
+    'No effect with --print_commands or --report_only.')
 flags.mark_flags_as_required(['config', 'sweep_dir'])
 
 
@@ -58,6 +72,10 @@ def main(argv):
   if _PRINT_COMMANDS.value and _REPORT_ONLY.value:
     _fail('--print_commands and --report_only exclude each other; give one')
   try:
+    sweep_runner.check_parallel(_PARALLEL.value, '--parallel')
+  except ValueError as e:
+    _fail(str(e))
+  try:
     sweep = sweep_lib.load(_CONFIG.value, _SWEEP_DIR.value, _ONLY.value)
   except ValueError as e:
     _fail(str(e))
@@ -72,8 +90,9 @@ def main(argv):
           f'report: {report["markdown"]}')
     return
 
-  failed = sweep_lib.run(sweep, after_cell=lambda: _write_report(sweep),
-                         log=lambda line: print(line, flush=True))  # live even when piped
+  failed = sweep_runner.run(sweep, after_cell=lambda: _write_report(sweep),
+                            log=lambda line: print(line, flush=True),  # live even when piped
+                            parallel=_PARALLEL.value)
   report = _write_report(sweep)
   print(f'report: {report["markdown"]}')
   if failed:

@@ -1,4 +1,4 @@
-"""Grid sweeps over config fields: cells, their workdirs and commands, and a sequential runner.
+"""Grid sweeps over config fields: cells, their workdirs, commands and records.
 
 A sweep config is an ordinary experiment file (`get_config(arg)`, loaded by `run.py`) that also
 defines `get_sweep(arg) -> {dotted config field: [values]}`. The grid is the Cartesian product of
@@ -14,8 +14,11 @@ Conventions:
   * A cell is finished when its workdir holds `eval_<train.total_steps>.json`, with
     total_steps read from the cell's resolved config (get_config(arg) plus the cell's values).
     Unfinished cells are simply run again; run.py resumes from the cell's checkpoints.
+  * SWEEP_DIR/sweep.json records the loaded sweep (`write_sweep_json`), and each cell's
+    sweep_cell.json its runs (`record_cell`).
 
-No JAX or TensorFlow here: listing, printing and reporting a sweep stay fast.
+deepmarc_jax/sweep_runner.py runs the cells. No JAX or TensorFlow here: listing, printing and
+reporting a sweep stay fast.
 """
 from __future__ import annotations
 
@@ -27,10 +30,7 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,9 +39,6 @@ CELL_FILE = 'sweep_cell.json'
 SWEEP_FILE = 'sweep.json'
 LOG_FILE = 'log.txt'
 _BAD_VALUE_CHARS = re.compile(r'[/,\s]')
-
-# run_fn(command, cwd, log_path) -> exit status. The default runs a subprocess; tests inject fakes.
-RunFn = Callable[[Sequence[str], str, str], int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +302,8 @@ def command_lines(sweep: Sweep, python: str | None = None, run_py: str | None = 
           shlex.join(command(sweep, cell, python, run_py)) for cell in sweep.cells]
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
+  """Returns the current UTC time as ISO 8601 text, to the second."""
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
@@ -325,7 +323,7 @@ def write_sweep_json(sweep: Sweep, only: Sequence[str] = ()) -> str:
   write_json_atomic({
       'config': sweep.config_path, 'config_arg': sweep.config_arg, 'only': list(only),
       'grid': sweep.grid, 'full_grid': sweep.full_grid,
-      'cells': [c.name for c in sweep.cells], 'written_utc': _utc_now()}, path)
+      'cells': [c.name for c in sweep.cells], 'written_utc': utc_now()}, path)
   return path
 
 
@@ -340,71 +338,18 @@ def read_cell_record(workdir: str) -> dict[str, Any] | None:
 
 
 def record_cell(sweep: Sweep, cell: Cell, argv: Sequence[str], wall_seconds: float,
-                returncode: int) -> dict[str, Any]:
+                returncode: int, cpus: Sequence[int] | None = None) -> dict[str, Any]:
   """Writes the cell's sweep_cell.json; returns it.
 
   wall_seconds is added to the previous record's, so a resumed cell records its total time.
+  cpus are the CPU ids the cell was pinned to (null when it was not pinned).
   """
   workdir = cell.workdir(sweep.sweep_dir)
   previous = read_cell_record(workdir) or {}
   record = {
       'overrides': cell.overrides, 'command': list(argv),
       'wall_seconds': float(previous.get('wall_seconds') or 0.0) + wall_seconds,
-      'returncode': int(returncode), 'finished_utc': _utc_now(),
-      'attempts': int(previous.get('attempts') or 0) + 1}
+      'returncode': int(returncode), 'cpus': None if cpus is None else list(cpus),
+      'finished_utc': utc_now(), 'attempts': int(previous.get('attempts') or 0) + 1}
   write_json_atomic(record, os.path.join(workdir, CELL_FILE))
   return record
-
-
-def run_subprocess(argv: Sequence[str], cwd: str, log_path: str) -> int:
-  """Runs argv with stdout and stderr appended to log_path; returns its exit status."""
-  with open(log_path, 'a') as log:
-    log.write(f'\n=== {_utc_now()} sweep: {shlex.join(argv)}\n')
-    log.flush()
-    return subprocess.run(list(argv), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                          check=False).returncode
-
-
-def run(sweep: Sweep, run_fn: RunFn = run_subprocess, after_cell: Callable[[], Any] | None = None,
-        log: Callable[[str], Any] = print) -> list[str]:
-  """Runs the unfinished cells one after another; returns the names of those that failed.
-
-  A cell fails if its command exits non-zero or exits 0 without writing its final eval (e.g.
-  run.py stopped on SIGTERM after a checkpoint). A failure does not stop the sweep.
-
-  Args:
-    sweep: the loaded sweep; only `sweep.cells` are run.
-    run_fn: (argv, cwd, log_path) -> exit status; runs the command from the repository root.
-    after_cell: called after each cell that ran (e.g. to rewrite the report).
-    log: where the one-line start/end messages go.
-  """
-  failed = []
-  todo = [c for c in sweep.cells if not c.finished(sweep.sweep_dir)]
-  done = len(sweep.cells) - len(todo)
-  if done:
-    log(f'{done} of {len(sweep.cells)} cells already finished; {len(todo)} to run')
-  for i, cell in enumerate(todo, 1):
-    workdir = cell.workdir(sweep.sweep_dir)
-    os.makedirs(workdir, exist_ok=True)
-    argv = command(sweep, cell)
-    log(f'[{i}/{len(todo)}] start {cell.name}')
-    start = time.monotonic()
-    try:
-      returncode = run_fn(argv, repo_root(), os.path.join(workdir, LOG_FILE))
-    except KeyboardInterrupt:
-      # Keep the time spent so far: the resumed cell adds to it.
-      record_cell(sweep, cell, argv, time.monotonic() - start, -signal.SIGINT)
-      log(f'[{i}/{len(todo)}] interrupted {cell.name}')
-      raise
-    wall = time.monotonic() - start
-    record_cell(sweep, cell, argv, wall, returncode)
-    status = f'exit status {returncode}'
-    if returncode == 0 and not cell.finished(sweep.sweep_dir):
-      status += f' but no {os.path.basename(cell.eval_path(sweep.sweep_dir))}'
-    if returncode != 0 or not cell.finished(sweep.sweep_dir):
-      failed.append(cell.name)
-      status += ', FAILED'
-    log(f'[{i}/{len(todo)}] end {cell.name}: {wall:.0f} s, {status}')
-    if after_cell is not None:
-      after_cell()
-  return failed

@@ -5,7 +5,8 @@ mask head and one crop mode, evaluated on detections and on the ground-truth box
 (`eval.gt_box_masks`: masks from GT boxes, which isolates the mask head). Every head gets the
 same width (`mask_head.num_filters`, 16) and 32 px crops, so depth is what varies.
 
-  python sweep.py --config=experiments/mask_head_sweep.py --sweep_dir=sweeps/mask_heads
+  python sweep.py --config=experiments/mask_head_sweep.py --sweep_dir=sweeps/mask_heads \
+      --parallel=2
   python sweep.py --config=experiments/mask_head_sweep.py:quick --sweep_dir=sweeps/quick
 
 Variants (after ':'):

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from PIL import Image
 
 from deepmarc_jax import sweep as sweep_lib
 from deepmarc_jax import sweep_report
+from deepmarc_jax import sweep_runner
 from tests.conftest import REPO
 
 FAKE_CONFIG = textwrap.dedent('''\
@@ -234,8 +237,8 @@ def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_
   for i in (0, 3):
     _finish(sweep, sweep.cells[i])
   runner, messages, reports = FakeRunner(sweep, fail=('resnet4',)), [], []
-  failed = sweep_lib.run(sweep, runner, after_cell=lambda: reports.append(1),
-                         log=messages.append)
+  failed = sweep_runner.run(sweep, runner, after_cell=lambda: reports.append(1),
+                            log=messages.append)
   ran = [c for i, c in enumerate(sweep.cells) if i not in (0, 3)]
   assert [call[0] for call in runner.calls] == [sweep_lib.command(sweep, c) for c in ran]
   assert runner.calls[0][0] == [
@@ -254,7 +257,7 @@ def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_
   assert sweep_lib.read_cell_record(sweep.cells[4].workdir(sweep.sweep_dir))['returncode'] == 1
   # Re-running runs exactly the failed cells again.
   runner = FakeRunner(sweep, fail=('resnet4',))
-  assert sweep_lib.run(sweep, runner, log=messages.append) == DEFAULT_NAMES[4:]
+  assert sweep_runner.run(sweep, runner, log=messages.append) == DEFAULT_NAMES[4:]
   assert [_workdir_of(call[0]) for call in runner.calls] == [
       os.path.join(sweep.sweep_dir, n) for n in DEFAULT_NAMES[4:]]
 
@@ -264,7 +267,7 @@ def test_resumed_cell_accumulates_wall_time(config_path, tmp_path):
   cell = sweep.cells[0]
   sweep_lib.write_json_atomic({'wall_seconds': 100.0, 'attempts': 1},
                               os.path.join(cell.workdir(sweep.sweep_dir), 'sweep_cell.json'))
-  assert sweep_lib.run(sweep, FakeRunner(sweep), log=lambda _: None) == []
+  assert sweep_runner.run(sweep, FakeRunner(sweep), log=lambda _: None) == []
   record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
   assert 100.0 <= record['wall_seconds'] < 105 and record['attempts'] == 2
 
@@ -276,7 +279,7 @@ def test_interrupted_cell_records_its_time(config_path, tmp_path):
     raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
-    sweep_lib.run(sweep, interrupted, log=lambda _: None)
+    sweep_runner.run(sweep, interrupted, log=lambda _: None)
   record = sweep_lib.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
   assert record['returncode'] == -signal.SIGINT and record['wall_seconds'] >= 0
   assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir)) is None
@@ -285,7 +288,7 @@ def test_interrupted_cell_records_its_time(config_path, tmp_path):
 def test_exit_zero_without_final_eval_is_a_failure(config_path, tmp_path):
   sweep = _load(config_path, tmp_path, only=['seed=0', 'type=default', 'train_crops=gt'])
   messages = []
-  assert sweep_lib.run(sweep, lambda *_: 0, log=messages.append) == [sweep.cells[0].name]
+  assert sweep_runner.run(sweep, lambda *_: 0, log=messages.append) == [sweep.cells[0].name]
   assert messages[-1].endswith('exit status 0 but no eval_100.json, FAILED')
 
 
@@ -295,13 +298,152 @@ def test_run_through_a_real_subprocess(config_path, tmp_path):
   sweep = _load(config_path, tmp_path, only=['seed=0', 'train_crops=gt'])
 
   def run_fake(argv, cwd, log_path):  # the real subprocess runner, on the fake run.py
-    return sweep_lib.run_subprocess([argv[0], str(fake_run_py)] + list(argv[2:]), cwd, log_path)
+    return sweep_runner.run_subprocess([argv[0], str(fake_run_py)] + list(argv[2:]), cwd, log_path)
 
-  assert sweep_lib.run(sweep, run_fake, log=lambda _: None) == [sweep.cells[1].name]
+  assert sweep_runner.run(sweep, run_fake, log=lambda _: None) == [sweep.cells[1].name]
   assert sweep.cells[0].finished(sweep.sweep_dir)
   log = open(os.path.join(sweep.cells[0].workdir(sweep.sweep_dir), 'log.txt')).read()
   assert '=== ' in log and "fake run.py ['--config=" in log
   assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir))['returncode'] == 3
+
+
+# Running cells in parallel.
+
+PINNING = hasattr(os, 'sched_setaffinity')
+
+
+def test_parallel_runs_at_most_n_cells_at_once_on_disjoint_cpus(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0'])  # 4 cells, the resnet4 ones fail
+  # The first cell runs longest and cell 3 ends before cell 2: failures end out of grid order.
+  sleeps = dict(zip([c.name for c in sweep.cells], [0.3, 0.1, 0.4, 0.1]))
+  runner, spans, lock = FakeRunner(sweep, fail=('resnet4',)), {}, threading.Lock()
+  reports, in_report, messages = [], [], []
+
+  def run_fn(argv, cwd, log_path, cpus):
+    name = os.path.basename(_workdir_of(argv))
+    start = time.monotonic()
+    time.sleep(sleeps[name])
+    with lock:
+      returncode = runner(argv, cwd, log_path)
+    spans[name] = (start, time.monotonic(), cpus)
+    return returncode
+
+  def after_cell():  # must never run concurrently: it rewrites the report
+    in_report.append(1)
+    assert len(in_report) == 1
+    time.sleep(0.02)
+    in_report.pop()
+    reports.append(1)
+
+  failed = sweep_runner.run(sweep, run_fn, after_cell=after_cell, log=messages.append, parallel=2)
+  assert failed == DEFAULT_NAMES[4::2]  # grid order
+  assert sorted(spans) == sorted(c.name for c in sweep.cells)  # each cell ran exactly once
+  assert len(runner.calls) == 4 and len(reports) == 4
+  for start, _, _ in spans.values():
+    assert sum(s <= start < e for s, e, _ in spans.values()) <= 2
+  (start_0, end_0, _), (start_1, end_1, _) = (spans[c.name] for c in sweep.cells[:2])
+  assert start_1 < end_0 and start_0 < end_1  # the first two cells did run side by side
+  starts = [m for m in messages if ' start ' in m]
+  assert [m.split(' start ')[1].split()[0] for m in starts] == [c.name for c in sweep.cells]
+  assert len([m for m in messages if ' end ' in m]) == 4
+  assert all('\n' not in m for m in messages)
+  first = sweep_lib.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
+  assert first['returncode'] == 0 and first['attempts'] == 1
+  assert first['cpus'] == (None if spans[sweep.cells[0].name][2] is None
+                           else list(spans[sweep.cells[0].name][2]))
+
+  if not PINNING:
+    pytest.skip('os.sched_setaffinity does not exist here: cells run unpinned')
+  allowed = set(os.sched_getaffinity(0))
+  assert all(cpus and set(cpus) <= allowed for _, _, cpus in spans.values())
+  for a, (start_a, end_a, cpus_a) in spans.items():
+    for b, (start_b, end_b, cpus_b) in spans.items():
+      if a < b and start_a < end_b and start_b < end_a:  # ran at the same time
+        assert not set(cpus_a) & set(cpus_b), (a, cpus_a, b, cpus_b)
+
+
+@pytest.mark.parametrize('cpus,parallel,slots', [
+    ([0, 1, 2, 3], 2, [(0, 1), (2, 3)]),
+    ([0, 1, 2], 2, [(0, 1), (2,)]),
+    ([0, 1, 2, 3, 4], 3, [(0, 1), (2, 3), (4,)]),
+    ([4, 5, 7], 3, [(4,), (5,), (7,)]),
+    ([0, 1], 1, [(0, 1)]),
+])
+def test_cpu_slots(cpus, parallel, slots):
+  assert sweep_runner.cpu_slots(cpus, parallel) == slots
+
+
+@pytest.mark.parametrize('cpus,parallel', [([0, 1, 2], 4), ([0, 1], 0)])
+def test_cpu_slots_errors(cpus, parallel):
+  with pytest.raises(ValueError, match=f'parallel={parallel}'):
+    sweep_runner.cpu_slots(cpus, parallel)
+
+
+def test_run_rejects_bad_parallel(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  for parallel in (0, 1.5, len(os.sched_getaffinity(0)) + 1 if PINNING else 0):
+    with pytest.raises(ValueError, match=r'parallel='):
+      sweep_runner.run(sweep, FakeRunner(sweep), log=lambda _: None, parallel=parallel)
+  assert not os.path.exists(sweep.sweep_dir)  # nothing ran
+
+
+@pytest.mark.skipif(not PINNING, reason='os.sched_setaffinity does not exist here')
+def test_run_subprocess_pins_the_child(tmp_path):
+  cpu = sorted(os.sched_getaffinity(0))[0]
+  before = os.sched_getaffinity(0)
+  log_path = str(tmp_path / 'log.txt')
+  code = 'import os; print("affinity", sorted(os.sched_getaffinity(0)))'
+  assert sweep_runner.run_subprocess([sys.executable, '-c', code], str(tmp_path), log_path,
+                                     cpus=(cpu,)) == 0
+  log = open(log_path).read()
+  assert f'affinity [{cpu}]\n' in log and f'sweep (cpus {cpu}): ' in log
+  assert os.sched_getaffinity(0) == before  # only the child was pinned
+
+
+# Sleeps until SIGTERM, as run.py checkpoints and stops on SIGTERM.
+SIGTERM_CHILD = textwrap.dedent('''\
+    import signal, sys, time
+    def stop(signum, frame):
+      print('got SIGTERM', flush=True)
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    print('SIGINT ignored:', signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)
+    time.sleep(60)
+''')
+
+
+def test_parallel_interrupt_terminates_and_records_running_cells(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0'])
+  child = tmp_path / 'child.py'
+  child.write_text(SIGTERM_CHILD)
+  logs = [os.path.join(c.workdir(sweep.sweep_dir), 'log.txt') for c in sweep.cells[:2]]
+
+  def run_child(argv, cwd, log_path, cpus):
+    return sweep_runner.run_subprocess([sys.executable, str(child)], cwd, log_path, cpus)
+
+  def ctrl_c_once_both_run():
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        os.path.exists(p) and 'SIGINT ignored' in open(p).read() for p in logs):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  messages = []
+  threading.Thread(target=ctrl_c_once_both_run, daemon=True).start()
+  start = time.monotonic()
+  with pytest.raises(KeyboardInterrupt):
+    sweep_runner.run(sweep, run_child, log=messages.append, parallel=2)
+  assert time.monotonic() - start < 30
+  for cell, log_path in zip(sweep.cells[:2], logs):
+    log = open(log_path).read()
+    # Children ignore the terminal's SIGINT; the runner stops them with SIGTERM.
+    assert 'SIGINT ignored: True' in log and 'got SIGTERM' in log
+    record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
+    assert record['returncode'] == -signal.SIGINT and record['wall_seconds'] > 0
+    assert any(m.startswith('[') and f'interrupted {cell.name}' in m for m in messages)
+  for cell in sweep.cells[2:]:  # not started
+    assert not os.path.exists(cell.workdir(sweep.sweep_dir))
+  assert sweep_runner._CHILDREN.count() == 0
 
 
 # The report.
@@ -434,6 +576,21 @@ def test_cli_bad_only_fails_with_one_line(config_path, tmp_path):
   assert result.returncode == 2 and result.stdout == ''
   assert result.stderr.startswith("FATAL: --only='type=hourglass99': ['hourglass99'] not among")
   assert "allowed: ['default', 'resnet4']" in result.stderr
+
+
+@pytest.mark.parametrize('parallel,message', [
+    ('0', 'FATAL: --parallel=0: must be an integer >= 1'),
+    ('10000', 'FATAL: --parallel=10000: more cells at a time than the'),
+])
+def test_cli_rejects_bad_parallel(config_path, tmp_path, parallel, message):
+  if parallel != '0' and not PINNING:
+    pytest.skip('without pinning, any --parallel >= 1 is allowed')
+  # --print_commands: even if the check broke, nothing would train.
+  result = _cli(f'--config={config_path}', f'--sweep_dir={tmp_path / "sweep"}',
+                f'--parallel={parallel}', '--print_commands')
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.startswith(message), result.stderr
+  assert not (tmp_path / 'sweep').exists()
 
 
 def test_sweep_modules_do_not_import_jax():

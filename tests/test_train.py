@@ -56,11 +56,15 @@ def shapes_data_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   """Uninterrupted 6 steps vs SIGTERM mid-run + resume: identical losses after the restart."""
-  full = _run(tmp_path / 'full', shapes_data_dir)
+  # The uninterrupted run also scores masks from the GT boxes (the real segment_boxes path).
+  full = _run(tmp_path / 'full', shapes_data_dir, '--config.eval.gt_box_masks=True')
   out, _ = full.communicate(timeout=900)
   assert full.returncode == 0, out[-3000:]
   reference = _losses(tmp_path / 'full')
   assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+  assert 'segm@GT' in out
+  from_gt = json.loads((tmp_path / 'full' / 'eval_6.json').read_text())['segm_gt_boxes']
+  assert 0.0 <= from_gt['AP'] <= 1.0 and set(from_gt) >= {'seen', 'unseen', 'per_category'}
 
   work = tmp_path / 'killed'
   killed = _run(work, shapes_data_dir)
