@@ -28,6 +28,15 @@ class ConfigError(ValueError):
   """A config value is not allowed; the message names each field and its allowed values."""
 
 
+def parse_variants(arg: str | None, allowed: Sequence[str], config_file: str) -> list[str]:
+  """The comma-separated variants after ':' in `--config=FILE:a,b`; ValueError on unknown ones."""
+  variants = [v for v in (arg or '').split(',') if v]
+  unknown = [v for v in variants if v not in allowed]
+  if unknown:
+    raise ValueError(f'unknown variant(s) {unknown} of {config_file}; allowed: {tuple(allowed)}')
+  return variants
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by all experiments: Mask R-CNN, R50-FPN levels 2-6, HG-52 head, COCO."""
   config = ml_collections.ConfigDict()

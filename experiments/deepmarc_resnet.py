@@ -19,10 +19,7 @@ VARIANTS = ('r101', 'nonvoc')
 
 
 def get_config(arg: str | None = None):
-  variants = [v for v in (arg or '').split(',') if v]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f'unknown variant(s) {unknown} of deepmarc_resnet.py; allowed: {VARIANTS}')
+  variants = config_lib.parse_variants(arg, VARIANTS, 'deepmarc_resnet.py')
   # base_config is this recipe's Model Garden setting; only the names below are spelled out.
   config = config_lib.base_config()
   config.data.tfds_name = 'coco_instances/coco2017'

@@ -21,10 +21,7 @@ VARIANTS = ('nonvoc', 'demo', 'tiny')
 
 
 def get_config(arg: str | None = None):
-  variants = [v for v in (arg or '').split(',') if v]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f'unknown variant(s) {unknown} of deepmarc_spinenet.py; allowed: {VARIANTS}')
+  variants = config_lib.parse_variants(arg, VARIANTS, 'deepmarc_spinenet.py')
 
   config = config_lib.base_config()
   config.experiment = 'deepmarc_spinenet143_hg52_voc'

@@ -18,16 +18,14 @@ Variants (after ':'):
 import importlib.util
 import os
 
+from deepmarc_jax import config_lib
+
 VARIANTS = ('quick',)
 HEADS = ('default', 'resnet4', 'resnet12', 'hourglass20', 'hourglass52')
 
 
 def _variants(arg):
-  variants = [v for v in (arg or '').split(',') if v]
-  unknown = [v for v in variants if v not in VARIANTS]
-  if unknown:
-    raise ValueError(f'unknown variant(s) {unknown} of mask_head_sweep.py; allowed: {VARIANTS}')
-  return variants
+  return config_lib.parse_variants(arg, VARIANTS, 'mask_head_sweep.py')
 
 
 def _demo_config():
