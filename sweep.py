@@ -19,6 +19,8 @@ axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_
       exits, so they resume on the next run) and kills them if they have not exited after two
       minutes, or at once on a second Ctrl-C. Has no effect with --print_commands or
       --report_only.
+  SIGTERM (`kill PID`, also for a sweep started in the background with `&`, where SIGINT is
+      ignored) stops the running cells the same way, in either mode, and exits with status 143.
   --only=type=hourglass20,default --only=seed=0
       Only these values of these axes (full field or its last component).
   --print_commands
@@ -29,6 +31,7 @@ axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_
 
 The report always covers the whole declared grid; --only limits what is run or printed.
 """
+import signal
 import sys
 
 from absl import app
@@ -90,9 +93,15 @@ def main(argv):
           f'report: {report["markdown"]}')
     return
 
-  failed = sweep_runner.run(sweep, after_cell=lambda: _write_report(sweep),
-                            log=lambda line: print(line, flush=True),  # live even when piped
-                            parallel=_PARALLEL.value)
+  sweep_runner.handle_sigterm()
+  try:
+    failed = sweep_runner.run(sweep, after_cell=lambda: _write_report(sweep),
+                              log=lambda line: print(line, flush=True),  # live even when piped
+                              parallel=_PARALLEL.value)
+  except sweep_runner.Terminated:
+    _write_report(sweep)
+    print('stopped by SIGTERM; re-run the same command to resume', flush=True)
+    sys.exit(128 + signal.SIGTERM)
   report = _write_report(sweep)
   print(f'report: {report["markdown"]}')
   if failed:

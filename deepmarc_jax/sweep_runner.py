@@ -16,6 +16,11 @@ exits, so they resume on the next run), waits up to STOP_GRACE_S for them (a sec
 that short) and kills what is left. Either way each interrupted cell's time is recorded and the
 KeyboardInterrupt re-raised.
 
+SIGTERM (e.g. `kill PID` of a sweep started in the background, where a non-interactive shell
+leaves SIGINT ignored), once `handle_sigterm()` is installed, stops the sweep gracefully in both
+modes: the running cells get SIGTERM, the runner waits up to STOP_GRACE_S for them to checkpoint
+and exit, records them, and raises `Terminated` (a KeyboardInterrupt).
+
 No JAX or TensorFlow here either.
 """
 from __future__ import annotations
@@ -88,6 +93,29 @@ class _Children:
 _CHILDREN = _Children()
 
 
+class Terminated(KeyboardInterrupt):
+  """Raised in the main thread by `handle_sigterm`'s handler, after SIGTERM reached the cells."""
+
+
+def handle_sigterm() -> Any:
+  """Makes SIGTERM stop the sweep gracefully; returns the previous handler.
+
+  The handler raises `Terminated` in the main thread (where Python runs every signal handler); the
+  runner then sends the running cells SIGTERM (run.py checkpoints and exits), waits up to
+  STOP_GRACE_S for them before it kills them, and records them as interrupted by SIGTERM.
+  """
+  def on_sigterm(signum, frame):
+    del frame
+    raise Terminated(f'signal {signum}')
+
+  return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _stop_signal(error: BaseException) -> int:
+  """Returns the signal an interrupted cell is recorded with (as a negative exit status)."""
+  return -(signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+
+
 def _child_setup(cpus: tuple[int, ...] | None,
                  ignore_sigint: bool) -> Callable[[], None] | None:
   """Returns the preexec_fn of a child (None if it needs none)."""
@@ -116,7 +144,8 @@ def run_subprocess(argv: Sequence[str], cwd: str, log_path: str,
     cpus: CPU ids to pin the child to (Linux only), or None to leave it unpinned.
 
   Called from the main thread this behaves like subprocess.run (a KeyboardInterrupt kills the
-  child). Called from another thread (the parallel runner's workers), the child ignores SIGINT:
+  child), except on `Terminated` (SIGTERM, see handle_sigterm): the child gets SIGTERM and up to
+  STOP_GRACE_S to exit before it is killed. Called from another thread (the parallel runner's workers), the child ignores SIGINT:
   such a caller cannot see Ctrl-C, so the runner's main thread stops the child with SIGTERM, which
   run.py answers with a checkpoint.
 
@@ -140,7 +169,13 @@ def run_subprocess(argv: Sequence[str], cwd: str, log_path: str,
       _CHILDREN.add(process)
       try:
         return process.wait()
-      except BaseException:
+      except BaseException as error:
+        if isinstance(error, Terminated):  # pass SIGTERM on and let the child checkpoint
+          process.terminate()
+          try:
+            process.wait(timeout=STOP_GRACE_S)
+          except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass  # too slow, or interrupted again: kill it now
         process.kill()  # as subprocess.run does; Popen.__exit__ then reaps the child
         raise
       finally:
@@ -268,9 +303,9 @@ def _run_sequential(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_
     start = time.monotonic()
     try:
       returncode = run_fn(argv, sweep_lib.repo_root(), os.path.join(workdir, sweep_lib.LOG_FILE))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
       # Keep the time spent so far: the resumed cell adds to it.
-      sweep_lib.record_cell(sweep, cell, argv, time.monotonic() - start, -signal.SIGINT)
+      sweep_lib.record_cell(sweep, cell, argv, time.monotonic() - start, _stop_signal(error))
       log(f'[{i}/{len(todo)}] interrupted {cell.name}')
       raise
     wall = time.monotonic() - start
@@ -294,6 +329,7 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
   slots = [None] * workers if cpus is None else cpu_slots(cpus, workers)
   log_lock, report_lock = threading.Lock(), threading.Lock()
   stopping = threading.Event()  # set by the main thread on an interrupt: start no more cells
+  stopped_by = [-signal.SIGINT]  # the exit status interrupted cells are recorded with
   free_slots = list(slots)  # guarded by log_lock
 
   def say(line: str) -> None:
@@ -329,7 +365,7 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
         free_slots.append(slot)
     if stopping.is_set() and not cell.finished(sweep.sweep_dir):
       # Stopped by the interrupt: keep the time spent so far, as the sequential runner does.
-      sweep_lib.record_cell(sweep, cell, argv, wall, -signal.SIGINT, slot)
+      sweep_lib.record_cell(sweep, cell, argv, wall, stopped_by[0], slot)
       say(f'{tag} interrupted {cell.name}: {wall:.0f} s')
       return True
     cell_failed, status = _finish_cell(sweep, cell, argv, wall, returncode, slot)
@@ -351,7 +387,8 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
       for job in finished:
         if job.exception() is not None:
           raise job.exception()  # run_fn or after_cell raised: stop like an interrupt
-  except BaseException:
+  except BaseException as error:
+    stopped_by[0] = _stop_signal(error)
     stopping.set()
     executor.shutdown(wait=False, cancel_futures=True)
     _stop_running(jobs, say)

@@ -412,44 +412,78 @@ SIGTERM_CHILD = textwrap.dedent('''\
 ''')
 
 
+def _signal_me_once_logged(log_paths, signum):
+  """Starts a thread that sends this process `signum` once every log has the child's first line."""
+  def send():
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        os.path.exists(p) and 'SIGINT ignored' in open(p).read() for p in log_paths):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signum)
+
+  threading.Thread(target=send, daemon=True).start()
+
+
+def _assert_stopped_gracefully(sweep, running, messages, returncode, sigint_ignored):
+  """Checks that the `running` first cells got SIGTERM and were recorded, the others never ran."""
+  for cell in sweep.cells[:running]:
+    log = open(os.path.join(cell.workdir(sweep.sweep_dir), 'log.txt')).read()
+    assert f'SIGINT ignored: {sigint_ignored}' in log and 'got SIGTERM' in log
+    record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
+    assert record['returncode'] == returncode and record['wall_seconds'] > 0
+    assert any(m.startswith('[') and f'interrupted {cell.name}' in m for m in messages)
+  for cell in sweep.cells[running:]:  # not started
+    assert not os.path.exists(cell.workdir(sweep.sweep_dir))
+  assert sweep_runner._CHILDREN.count() == 0
+
+
+def _run_child(child):
+  """Returns a run_fn that runs the script `child` instead of each cell's run.py."""
+  def run_fn(argv, cwd, log_path, *cpus):
+    return sweep_runner.run_subprocess([sys.executable, str(child)], cwd, log_path, *cpus)
+  return run_fn
+
+
 def test_parallel_interrupt_terminates_and_records_running_cells(config_path, tmp_path):
   sweep = _load(config_path, tmp_path, only=['seed=0'])
   child = tmp_path / 'child.py'
   child.write_text(SIGTERM_CHILD)
-  logs = [os.path.join(c.workdir(sweep.sweep_dir), 'log.txt') for c in sweep.cells[:2]]
-
-  def run_child(argv, cwd, log_path, cpus):
-    return sweep_runner.run_subprocess([sys.executable, str(child)], cwd, log_path, cpus)
-
-  def ctrl_c_once_both_run():
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(
-        os.path.exists(p) and 'SIGINT ignored' in open(p).read() for p in logs):
-      time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGINT)
-
   messages = []
   # Ctrl-C must raise KeyboardInterrupt here, whatever SIGINT handler earlier code in this
   # process (TF, absl, another test) left installed.
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    threading.Thread(target=ctrl_c_once_both_run, daemon=True).start()
+    _signal_me_once_logged([os.path.join(c.workdir(sweep.sweep_dir), 'log.txt')
+                            for c in sweep.cells[:2]], signal.SIGINT)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-      sweep_runner.run(sweep, run_child, log=messages.append, parallel=2)
+      sweep_runner.run(sweep, _run_child(child), log=messages.append, parallel=2)
   finally:
     signal.signal(signal.SIGINT, previous)
   assert time.monotonic() - start < 30
-  for cell, log_path in zip(sweep.cells[:2], logs):
-    log = open(log_path).read()
-    # Children ignore the terminal's SIGINT; the runner stops them with SIGTERM.
-    assert 'SIGINT ignored: True' in log and 'got SIGTERM' in log
-    record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
-    assert record['returncode'] == -signal.SIGINT and record['wall_seconds'] > 0
-    assert any(m.startswith('[') and f'interrupted {cell.name}' in m for m in messages)
-  for cell in sweep.cells[2:]:  # not started
-    assert not os.path.exists(cell.workdir(sweep.sweep_dir))
-  assert sweep_runner._CHILDREN.count() == 0
+  # Children ignore the terminal's SIGINT; the runner stops them with SIGTERM.
+  _assert_stopped_gracefully(sweep, 2, messages, -signal.SIGINT, sigint_ignored=True)
+
+
+@pytest.mark.parametrize('parallel', [1, 2])
+def test_sigterm_passes_sigterm_to_the_running_cells(config_path, tmp_path, parallel):
+  sweep = _load(config_path, tmp_path, only=['seed=0'])
+  child = tmp_path / 'child.py'
+  child.write_text(SIGTERM_CHILD)
+  messages = []
+  previous = sweep_runner.handle_sigterm()
+  try:
+    _signal_me_once_logged([os.path.join(c.workdir(sweep.sweep_dir), 'log.txt')
+                            for c in sweep.cells[:parallel]], signal.SIGTERM)
+    start = time.monotonic()
+    with pytest.raises(sweep_runner.Terminated):
+      sweep_runner.run(sweep, _run_child(child), log=messages.append, parallel=parallel)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert time.monotonic() - start < 30
+  # Unlike Ctrl-C one at a time, which kills the cell, SIGTERM lets it checkpoint in both modes.
+  _assert_stopped_gracefully(sweep, parallel, messages, -signal.SIGTERM,
+                             sigint_ignored=parallel > 1)
 
 
 # The report.
