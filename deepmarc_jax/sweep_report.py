@@ -8,6 +8,9 @@ its wall time), groups the cells by all non-seed axes and writes, in the sweep d
     and unseen classes, box AP, mask AP from ground-truth boxes on seen/unseen classes (when the
     cells have 'segm_gt_boxes'), and the mean wall minutes per cell. With n >= 2 a value is
     `mean ± sd`, sd being the sample standard deviation (ddof=1) over seeds.
+  * report.md also has, when the cells were evaluated more than once, a table per curve metric
+    (CURVE_METRICS) of its mean over seeds at every evaluated step (each `eval_<step>.json` of the
+    finished cells): whether AP had stopped rising by the last step.
   * report.png: mask AP against the first non-seed axis, seen and unseen classes side by side,
     one line per combination of the other non-seed axes, sd error bars (a second row for masks
     from ground-truth boxes).
@@ -49,6 +52,8 @@ METRICS = (
     Metric('seen mask AP (GT boxes)', (GT_BOXES, 'seen', 'AP')),
     Metric('unseen mask AP (GT boxes)', (GT_BOXES, 'unseen', 'AP')),
 )
+# The by-step tables: is AP still rising at the end? (GT-box columns only when the cells have them.)
+CURVE_METRICS = ('seen mask AP', 'seen mask AP (GT boxes)', 'unseen mask AP (GT boxes)', 'box AP')
 # (metric name, subplot title) per plot panel; the second row only with GT-box results.
 _PANELS = ((('seen mask AP', 'seen classes'), ('unseen mask AP', 'unseen classes')),
            (('seen mask AP (GT boxes)', 'seen classes, masks from GT boxes'),
@@ -65,11 +70,14 @@ class Row:
       (e.g. a cell evaluated without 'segm_gt_boxes').
     has_gt_boxes: whether the eval JSON has 'segm_gt_boxes'.
     wall_minutes: total wall time from sweep_cell.json, NaN without one.
+    by_step: {step: {metric name: fraction, NaN or None as in `metrics`}} for every readable
+      eval_<step>.json in the workdir up to the final one, the final one included.
   """
   cell: sweep_lib.Cell
   metrics: dict[str, float | None]
   has_gt_boxes: bool
   wall_minutes: float
+  by_step: dict[int, dict[str, float | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +138,21 @@ def _read_json(path: str) -> dict[str, Any] | None:
   return data if isinstance(data, dict) else None
 
 
+def _metrics_of(results: Mapping[str, Any]) -> dict[str, float | None]:
+  return {m.name: _lookup(results, m.path) for m in METRICS}
+
+
+def _eval_steps(workdir: str, last_step: int) -> list[int]:
+  """Returns the steps of the workdir's eval_<step>.json files up to last_step, ascending."""
+  steps = []
+  for name in os.listdir(workdir):
+    stem, ext = os.path.splitext(name)
+    if ext == '.json' and stem.startswith('eval_') and stem[5:].isdigit():
+      if int(stem[5:]) <= last_step:
+        steps.append(int(stem[5:]))
+  return sorted(steps)
+
+
 def collect(sweep_dir: str, cells: Sequence[sweep_lib.Cell]) -> list[Row]:
   """Returns a Row per finished cell with a readable eval JSON, in the order of `cells`."""
   rows = []
@@ -139,10 +162,17 @@ def collect(sweep_dir: str, cells: Sequence[sweep_lib.Cell]) -> list[Row]:
     results = _read_json(cell.eval_path(sweep_dir))
     if results is None:  # e.g. being written right now; it shows up as missing
       continue
-    record = sweep_lib.read_cell_record(cell.workdir(sweep_dir)) or {}
+    workdir = cell.workdir(sweep_dir)
+    by_step = {}
+    for step in _eval_steps(workdir, cell.total_steps):
+      earlier = results if step == cell.total_steps else _read_json(
+          os.path.join(workdir, f'eval_{step}.json'))
+      if earlier is not None:
+        by_step[step] = _metrics_of(earlier)
+    record = sweep_lib.read_cell_record(workdir) or {}
     wall = record.get('wall_seconds')
-    rows.append(Row(cell, {m.name: _lookup(results, m.path) for m in METRICS},
-                    GT_BOXES in results, math.nan if wall is None else float(wall) / 60))
+    rows.append(Row(cell, _metrics_of(results), GT_BOXES in results,
+                    math.nan if wall is None else float(wall) / 60, by_step))
   return rows
 
 
@@ -214,7 +244,38 @@ def markdown(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
     return '\n'.join(lines) + '\n'
   lines += _table(grid, rows, groups)
   lines += ['', _explanation(grid, rows, groups)]
+  lines += _curve_tables(grid, rows)
   return '\n'.join(lines) + '\n'
+
+
+def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row]) -> list[str]:
+  """Returns the lines of the by-step tables (none when no cell was evaluated twice)."""
+  steps = sorted({step for r in rows for step in r.by_step})
+  if len(steps) < 2:
+    return []
+  fields = non_seed_fields(grid)
+  labels = sweep_lib.axis_labels(list(grid))
+  shown = {m.name for m in metrics_shown(rows)}
+  lines = ['', '## By evaluation step', '',
+           'Each metric at every evaluation of the finished cells, mean ± sd over seeds as above '
+           '(the last column is the table above). Still rising at the last step = not converged.']
+  for metric in (m for m in CURVE_METRICS if m in shown):
+    header = [labels[f] for f in fields] + [f'step {step}' for step in steps]
+    lines += ['', f'### {metric} (%)', '', '| ' + ' | '.join(header) + ' |',
+              '|' + '---|' * len(header)]
+    by_key: dict[tuple[str, ...], list[Row]] = {}
+    for row in rows:
+      by_key.setdefault(tuple(str(row.cell.overrides[f]) for f in fields), []).append(row)
+    for values in itertools.product(*(grid[f] for f in fields)):
+      members = by_key.get(tuple(str(v) for v in values))
+      if not members:
+        continue
+      cells = [str(v) for v in values]
+      for step in steps:
+        stat = summarize([r.by_step[step][metric] for r in members if step in r.by_step])
+        cells.append(format_stat(stat))
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _table(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],

@@ -514,9 +514,16 @@ def reported(config_path, tmp_path):
                                           config=sweep.config_flag)
 
 
-def _table_rows(markdown):
-  """{(type, train_crops): {column: text}} of the report's table."""
-  lines = [line for line in markdown.splitlines() if line.startswith('|')]
+def _table_rows(markdown, title=None):
+  """{(type, train_crops): {column: text}} of the report's first table (after `title`)."""
+  if title is not None:
+    markdown = markdown.split(f'\n{title}\n', 1)[1]
+  lines = []
+  for line in markdown.splitlines():
+    if line.startswith('|'):
+      lines.append(line)
+    elif lines:
+      break
   header = [h.strip() for h in lines[0].strip('|').split('|')]
   rows = [dict(zip(header, (c.strip() for c in line.strip('|').split('|')))) for line in lines[2:]]
   return {(r['type'], r['train_crops']): r for r in rows}
@@ -567,6 +574,40 @@ def test_report_lists_missing_cells_and_writes_a_png(reported):
     width, height = image.size
   assert width > 500 and height > 700  # two rows of panels: GT-box results are present
   assert report['png'] == os.path.join(sweep.sweep_dir, 'report.png')
+
+
+def test_report_by_step_tables(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path)
+  # Seen mask AP at step 0 of each (crops, seed); it rises by step / 1000.
+  seen = {(crops, seed): 0.01 * (10 + 2 * seed + (crops == 'gt'))
+          for crops in ('gt', 'proposals') for seed in (0, 1)}
+  default = [c for c in sweep.cells if c.overrides['model.mask_head.type'] == 'default']
+  for cell in default:
+    crops, seed = cell.overrides['model.mask_head.train_crops'], cell.overrides['seed']
+    for step in (50, 100, 150):  # 150 is past total_steps (100): left out
+      value = seen[(crops, seed)] + step / 1000
+      _finish(sweep, cell, _eval_json(value, 0.2, 0.3 + step / 1000, gt=(value + 0.1, 0.4)),
+              step=step)
+  unfinished = next(c for c in sweep.cells if c.overrides['model.mask_head.type'] == 'resnet4')
+  _finish(sweep, unfinished, _eval_json(0.9, 0.9, 0.9), step=50)  # no final eval: left out
+  report = sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells)
+  markdown = open(report['markdown']).read()
+  assert 'step 150' not in markdown
+  curve = _table_rows(markdown, '### seen mask AP (%)')
+  assert list(curve) == [('default', 'gt'), ('default', 'proposals')]  # no resnet4 row
+  for crops in ('gt', 'proposals'):
+    for step in (50, 100):
+      values = [100 * (seen[(crops, seed)] + step / 1000) for seed in (0, 1)]
+      assert curve[('default', crops)][f'step {step}'] == (
+          f'{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}')
+  # The last column is the main table's value.
+  assert curve[('default', 'gt')]['step 100'] == (
+      _table_rows(markdown)[('default', 'gt')]['seen mask AP (%)'])
+  gt_curve = _table_rows(markdown, '### seen mask AP (GT boxes) (%)')
+  # By hand: seeds 0 and 1 give 0.10 + 0.05 + 0.1 and 0.12 + 0.05 + 0.1.
+  assert gt_curve[('default', 'proposals')]['step 50'] == '26.0 ± 1.4'
+
+  assert '### box AP (%)' in markdown
 
 
 def test_report_without_finished_cells(config_path, tmp_path):
