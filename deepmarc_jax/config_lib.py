@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
           train_crops='gt',         # Deep-MARC's use_gt_boxes_for_masks: 'gt' | 'proposals'
           crop_size=32,             # mask ROIAlign output; the head upsamples x2 -> 64
           max_train_instances=16,   # mask-head crops per image in training (sampled if more)
+          # 'gt' crops only: move each GT box side by up to this ratio / 2 of the box's size
+          # (Deep-MAC's max_roi_jitter_ratio, 'default' mode; 0 = tight GT boxes, as released).
+          gt_box_jitter=0.0,
       ),
       compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32
   )
@@ -157,6 +160,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f'{model.backbone.type} (its coarsest blocks are at level 7)')
   _allowed(errors, 'model.mask_head.type', model.mask_head.type, tuple(catalogue.MASK_HEADS))
   _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
+  jitter = model.mask_head.gt_box_jitter
+  if not 0 <= jitter < 1:
+    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} must be in [0, 1) (each box '
+                  'side moves by up to jitter / 2 of the box\'s size)')
+  elif jitter and model.mask_head.train_crops != 'gt':
+    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} applies to GT crops only; '
+                  f'train_crops is {model.mask_head.train_crops!r}')
   head = catalogue.MASK_HEADS.get(model.mask_head.type)
   if isinstance(head, catalogue.HourglassSpec) and head.downsample:
     multiple = 2 ** (len(head.blocks_per_stage) - 1)

@@ -14,18 +14,26 @@ Variants (after ':'):
           x seeds {0, 1}: 20 cells of 1,500 steps, evaluated every 500 (9-20 min each here).
   quick   finding (1) only: the demo (hourglass20, 16 px crops) with gt vs proposal crops,
           one seed, 700 steps: two cells, ~18 min on a 2-core CPU.
+  jitter  a diagnostic beside the full grid: GT crops whose boxes are jittered
+          (`mask_head.gt_box_jitter=0.5`, Deep-MAC's ROI jitter: each side moves by up to a
+          quarter of the box's size), heads {default, hourglass20} x seeds {0, 1}, otherwise the
+          full grid's cells. Does the crops' variety, rather than their tightness, decide
+          unseen-class AP?
 """
 import importlib.util
 import os
 
 from deepmarc_jax import config_lib
 
-VARIANTS = ('quick',)
+VARIANTS = ('quick', 'jitter')
 HEADS = ('default', 'resnet4', 'resnet12', 'hourglass20', 'hourglass52')
 
 
 def _variants(arg):
-  return config_lib.parse_variants(arg, VARIANTS, 'mask_head_sweep.py')
+  variants = config_lib.parse_variants(arg, VARIANTS, 'mask_head_sweep.py')
+  if len(variants) > 1:
+    raise ValueError(f'mask_head_sweep.py: give at most one of {", ".join(VARIANTS)}; got {arg!r}')
+  return variants
 
 
 def _demo_config():
@@ -51,12 +59,17 @@ def get_config(arg: str | None = None):
     config.train.total_steps = 1500
     # The report reads the last evaluation; the earlier ones show whether AP still rises.
     config.eval.every_steps = 500
+  if 'jitter' in variants:
+    config.model.mask_head.update(train_crops='gt', gt_box_jitter=0.5)
   return config
 
 
 def get_sweep(arg: str | None = None):
-  if 'quick' in _variants(arg):
+  variants = _variants(arg)
+  if 'quick' in variants:
     return {'model.mask_head.train_crops': ['gt', 'proposals']}
+  if 'jitter' in variants:
+    return {'model.mask_head.type': ['default', 'hourglass20'], 'seed': [0, 1]}
   return {
       'model.mask_head.type': list(HEADS),
       'model.mask_head.train_crops': ['gt', 'proposals'],

@@ -1,6 +1,7 @@
 """Experiment configs hold the paper recipe; bad configs fail at once with a clear message."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,20 @@ def test_validate_reports_every_bad_field_with_allowed_values():
                "config.data.tfds_name='coco/2017'", 'coco_instances/shapes',
                'config.data.image_size=1000', 'config.data.mask_classes'):
     assert text in message
+
+
+@pytest.mark.parametrize('jitter, crops, expected', [
+    (1.0, 'gt', 'gt_box_jitter=1.0 must be in [0, 1)'),
+    (-0.1, 'gt', 'gt_box_jitter=-0.1 must be in [0, 1)'),
+    (0.2, 'proposals', "gt_box_jitter=0.2 applies to GT crops only; train_crops is 'proposals'"),
+])
+def test_validate_rejects_bad_gt_box_jitter(jitter, crops, expected):
+  config = deepmarc_spinenet.get_config('demo')
+  config.model.mask_head.update(gt_box_jitter=jitter, train_crops=crops)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(expected)):
+    config_lib.validate(config)
+  config.model.mask_head.update(gt_box_jitter=0.5, train_crops='gt')
+  config_lib.validate(config)
 
 
 def _run(tmp_path, *overrides):

@@ -112,6 +112,42 @@ def test_proposal_crops_train_on_foreground_rois(tiny):
   assert np.isfinite(loss) and parts['mask_loss'] > 0
 
 
+def test_gt_box_jitter_moves_the_crops_and_their_targets_with_them(tiny):
+  """gt_box_jitter: the same instances as without it, in jittered boxes inside the image, with
+  targets resampled from each instance's mask into its jittered box."""
+  from deepmarc_jax.ops import roi_align  # pylint: disable=g-import-not-at-top
+  _, _, variables = tiny
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(num_instances=6))
+  gt_valid = batch['gt_valid'] & ~batch['gt_is_crowd']
+  image_hw = jnp.array([[100.0, 128.0], [100.0, 128.0]])  # tiny batches' image_info
+  key = jax.random.key(5)
+
+  def inputs(jitter):
+    model = mask_rcnn.MaskRCNN.from_config(_tiny_config(gt_box_jitter=jitter))
+    return model.apply(variables, batch, None, gt_valid, key, image_hw,
+                       method=mask_rcnn.MaskRCNN._mask_training_inputs)
+
+  tight_boxes, tight, tight_weights = inputs(0.0)
+  boxes, targets, weights = inputs(0.6)
+  np.testing.assert_array_equal(targets['gt_index'], tight['gt_index'])  # same subset
+  np.testing.assert_array_equal(weights, tight_weights)
+  index = np.asarray(targets['gt_index'])
+  gt_boxes = np.take_along_axis(np.asarray(batch['gt_boxes']), index[..., None], axis=1)
+  np.testing.assert_allclose(tight_boxes, gt_boxes)
+  boxes = np.asarray(boxes)
+  size = np.concatenate([gt_boxes[..., 2:] - gt_boxes[..., :2]] * 2, -1)
+  moved = np.abs(boxes - gt_boxes) / size
+  real = np.asarray(weights) > 0
+  assert moved[real].max() <= 0.3 + 1e-5 and np.median(moved[real]) > 0.02
+  assert boxes.min() >= 0 and np.all(boxes[..., 2] <= 100) and np.all(boxes[..., 3] <= 128)
+  gt_masks = np.take_along_axis(np.asarray(batch['gt_masks']), index[..., None, None], axis=1)
+  expected = jax.vmap(roi_align.crop_mask_targets, in_axes=(0, 0, 0, None))(
+      jnp.asarray(gt_masks, jnp.float32), jnp.asarray(gt_boxes), jnp.asarray(boxes),
+      targets['masks'].shape[-1])
+  np.testing.assert_allclose(targets['masks'], expected, atol=1e-6)
+  assert not np.allclose(targets['masks'], tight['masks'])
+
+
 def test_detect_and_segment_boxes_have_static_shapes(tiny):
   config, model, variables = tiny
   images = _batch()['image']

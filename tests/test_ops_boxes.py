@@ -83,3 +83,25 @@ def test_clip_boxes_with_traced_size():
   b = np.array([[-5, 3, 40, 70], [10, -1, 12, 5]], np.float32)
   out = jax.jit(boxes.clip_boxes)(b, np.float32(30), np.float32(50))
   np.testing.assert_allclose(out, [[0, 3, 30, 50], [10, 0, 12, 5]])
+
+
+def test_jitter_is_the_object_detection_api_formula():
+  """Each side at (1 + u) / 2 of the size from the centre, u ~ U(-ratio, ratio) per side."""
+  rng = np.random.default_rng(3)
+  b = _random_boxes(rng, 2000).reshape(40, 50, 4)
+  key, ratio = jax.random.key(7), 0.4
+  out = np.asarray(boxes.jitter(key, b, ratio), np.float64)
+  u = np.asarray(jax.random.uniform(key, b.shape, np.float32, -ratio, ratio), np.float64)
+  b = b.astype(np.float64)
+  yc, xc = (b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2
+  h, w = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+  expected = np.stack([yc - h * (1 + u[..., 0]) / 2, xc - w * (1 + u[..., 1]) / 2,
+                       yc + h * (1 + u[..., 2]) / 2, xc + w * (1 + u[..., 3]) / 2], -1)
+  np.testing.assert_allclose(out, expected, atol=1e-3)
+  # Each side moves by at most ratio / 2 of the box's size, and the draws fill that range.
+  size = np.stack([h, w, h, w], -1)
+  moved = np.abs(out - b) / size
+  assert moved.max() <= ratio / 2 + 1e-5 and moved.max() > 0.95 * ratio / 2
+  assert np.all(out[..., 2] > out[..., 0]) and np.all(out[..., 3] > out[..., 1])
+  np.testing.assert_allclose(np.asarray(boxes.jitter(key, b.astype(np.float32), 0.0)), b,
+                             atol=1e-4)

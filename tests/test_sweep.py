@@ -684,7 +684,7 @@ def test_sweep_modules_do_not_import_jax():
   assert result.stdout.strip() == '[]'
 
 
-@pytest.mark.parametrize('arg', [None, 'quick'])
+@pytest.mark.parametrize('arg', [None, 'quick', 'jitter'])
 def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   """experiments/mask_head_sweep.py: every cell's resolved config passes validation (e.g. the
   six-stage hourglass52 gets crops it can halve five times) and scores masks from GT boxes."""
@@ -693,8 +693,20 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   flag = path if arg is None else f'{path}:{arg}'
   sweep = sweep_lib.load(flag, str(tmp_path))
   module = sweep_lib.load_module(path)
-  assert len(sweep.all_cells) == (2 if arg else 20)
+  assert len(sweep.all_cells) == {None: 20, 'quick': 2, 'jitter': 4}[arg]
   for cell in sweep.all_cells:
     config = sweep_lib.apply_overrides(module.get_config(arg), cell.overrides)
     config_lib.validate(config)
     assert config.eval.gt_box_masks and cell.total_steps == config.train.total_steps
+    # The jitter cells are the full grid's GT-crop cells with jittered boxes.
+    assert config.model.mask_head.gt_box_jitter == (0.5 if arg == 'jitter' else 0.0)
+  if arg == 'jitter':
+    full = module.get_config()
+    full.model.mask_head.gt_box_jitter = 0.5
+    assert module.get_config('jitter').to_dict() == full.to_dict()
+
+
+def test_the_mask_head_sweep_variants_exclude_each_other():
+  module = sweep_lib.load_module(str(REPO / 'experiments' / 'mask_head_sweep.py'))
+  with pytest.raises(ValueError, match='at most one of quick, jitter'):
+    module.get_config('quick,jitter')

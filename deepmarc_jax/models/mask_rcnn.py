@@ -11,8 +11,9 @@
 
 Mask-head training crops (`model.mask_head.train_crops`):
   * 'gt' (Deep-MARC's use_gt_boxes_for_masks): up to `max_train_instances` real, mask-allowed
-    GT instances per image (a random subset when there are more); ROIAlign on their GT boxes;
-    targets are their GT masks resampled to the head's output size.
+    GT instances per image (a random subset when there are more); ROIAlign on their GT boxes,
+    each side moved at random by up to `gt_box_jitter` / 2 of the box's size (Deep-MAC's ROI
+    jitter; 0 by default); targets are their GT masks resampled into those boxes.
   * 'proposals' (Mask R-CNN's default): up to `max_train_instances` foreground sampled ROIs per
     image whose matched GT is mask-allowed; targets are the matched GT masks resampled into the
     ROI (`roi_align.crop_mask_targets`).
@@ -77,6 +78,7 @@ class Settings:
   max_train_instances: int
   norm: layers.NormConfig
   dtype: Any
+  gt_box_jitter: float = 0.0  # 'gt' crops: random side moves, as a ratio of the box's size
   keep_degenerate_proposals: bool = False  # Model Garden's ROI generator keeps them
   test_pre_nms_top_k: int | None = None  # RPN pre-NMS top-k at inference (None: rpn[2])
 
@@ -104,6 +106,7 @@ class MaskRCNN(nn.Module):
         mask_head_type=m.mask_head.type, mask_filters=m.mask_head.num_filters,
         mask_crop_size=m.mask_head.crop_size, train_crops=m.mask_head.train_crops,
         max_train_instances=m.mask_head.max_train_instances,
+        gt_box_jitter=m.mask_head.get('gt_box_jitter', 0.0),
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
         dtype=_DTYPES[m.compute_dtype],
         keep_degenerate_proposals=m.rpn.get('keep_degenerate', False),
@@ -229,7 +232,7 @@ class MaskRCNN(nn.Module):
 
     # Mask head on GT boxes (Deep-MARC) or foreground proposals (Mask R-CNN).
     mask_boxes, mask_targets, mask_weights = self._mask_training_inputs(
-        batch, sampled, gt_valid, mask_key)
+        batch, sampled, gt_valid, mask_key, image_hw)
     mask_classes = jnp.take_along_axis(gt_classes, mask_targets['gt_index'], axis=1)
     mask_logits = self.mask_logits(features, mask_boxes, mask_classes, train, mask_weights)
     return {
@@ -255,8 +258,11 @@ class MaskRCNN(nn.Module):
     targets = box_ops.encode(gt_boxes[matched], anchors, RPN_WEIGHTS)
     return out, jnp.where((out == 1)[:, None], targets, 0.0)
 
-  def _mask_training_inputs(self, batch, sampled, gt_valid, key):
-    """Boxes [B, K, 4], {'masks': targets [B, K, m, m], 'gt_index': [B, K]}, weights [B, K]."""
+  def _mask_training_inputs(self, batch, sampled, gt_valid, key, image_hw):
+    """Boxes [B, K, 4], {'masks': targets [B, K, m, m], 'gt_index': [B, K]}, weights [B, K].
+
+    image_hw [B, 2]: each image's valid height and width (jittered GT boxes are clipped to it).
+    """
     s = self.settings
     out_size = 2 * s.mask_crop_size
     allowed = gt_valid & batch['gt_mask_allowed']
@@ -274,6 +280,9 @@ class MaskRCNN(nn.Module):
     if s.train_crops == 'gt':
       gt_index = index
       boxes = jnp.take_along_axis(batch['gt_boxes'], index[..., None], axis=1)
+      if s.gt_box_jitter:  # (fold_in: without jitter, the subset's key stays as it was)
+        jittered = box_ops.jitter(jax.random.fold_in(key, 1), boxes, s.gt_box_jitter)
+        boxes = jax.vmap(box_ops.clip_boxes)(jittered, image_hw[:, 0], image_hw[:, 1])
     else:
       gt_index = jnp.take_along_axis(sampled['matched_gt'], index, axis=1)
       boxes = jnp.take_along_axis(sampled['rois'], index[..., None], axis=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 # Added to sizes before the logs of `encode` (Model Garden's EPSILON).
@@ -84,3 +85,17 @@ def clip_boxes(boxes: jnp.ndarray, height, width) -> jnp.ndarray:
   boxes = jnp.asarray(boxes)
   limits = jnp.stack([height, width, height, width]).astype(boxes.dtype)
   return jnp.clip(boxes, 0.0, limits)
+
+
+def jitter(key: jax.Array, boxes: jnp.ndarray, ratio: float) -> jnp.ndarray:
+  """Moves each side of [..., 4] boxes at random, as Object Detection API random_jitter_boxes.
+
+  Its 'default' mode (Deep-MAC's `max_roi_jitter_ratio`): about the unchanged centre, each side
+  sits at (1 + u) / 2 of the box's height (y sides) or width (x sides) from the centre, with an
+  independent u ~ U(-ratio, ratio) per side; so a side moves by at most ratio / 2 of the box's
+  size. The caller clips to the image (the official op clips to its normalised [0, 1]).
+  """
+  yc, xc, h, w = _centres_and_sizes(boxes)
+  u = jax.random.uniform(key, boxes.shape, boxes.dtype, -ratio, ratio)
+  return jnp.stack([yc - 0.5 * h * (1 + u[..., 0]), xc - 0.5 * w * (1 + u[..., 1]),
+                    yc + 0.5 * h * (1 + u[..., 2]), xc + 0.5 * w * (1 + u[..., 3])], -1)
