@@ -105,11 +105,13 @@ class Group:
     cells: the names of the group's finished cells.
     stats: {metric name: Stat}.
     wall_minutes: Stat of the cells' wall minutes.
+    by_step: {step: {metric name: Stat}} over the cells evaluated at that step.
   """
   key: dict[str, Any]
   cells: list[str]
   stats: dict[str, Stat]
   wall_minutes: Stat
+  by_step: dict[int, dict[str, Stat]] = dataclasses.field(default_factory=dict)
 
   @property
   def n(self) -> int:
@@ -202,10 +204,14 @@ def aggregate(rows: Sequence[Row], grid: Mapping[str, Sequence[Any]]) -> list[Gr
     members = by_key.get(tuple(str(v) for v in values))
     if not members:
       continue
+    steps = sorted({step for r in members for step in r.by_step})
     groups.append(Group(
         dict(zip(fields, values)), [r.cell.name for r in members],
         {m.name: summarize([r.metrics[m.name] for r in members]) for m in METRICS},
-        summarize([r.wall_minutes for r in members])))
+        summarize([r.wall_minutes for r in members]),
+        {step: {m.name: summarize([r.by_step[step][m.name] for r in members
+                                   if step in r.by_step]) for m in METRICS}
+         for step in steps}))
   return groups
 
 
@@ -244,18 +250,20 @@ def markdown(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
     return '\n'.join(lines) + '\n'
   lines += _table(grid, rows, groups)
   lines += ['', _explanation(grid, rows, groups)]
-  lines += _curve_tables(grid, rows)
+  lines += _curve_tables(grid, rows, groups)
   return '\n'.join(lines) + '\n'
 
 
-def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row]) -> list[str]:
+def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
+                  groups: Sequence[Group]) -> list[str]:
   """Returns the lines of the by-step tables (none when no cell was evaluated twice)."""
-  steps = sorted({step for r in rows for step in r.by_step})
+  steps = sorted({step for g in groups for step in g.by_step})
   if len(steps) < 2:
     return []
   fields = non_seed_fields(grid)
   labels = sweep_lib.axis_labels(list(grid))
   shown = {m.name for m in metrics_shown(rows)}
+  no_value = summarize([])
   lines = ['', '## By evaluation step', '',
            'Each metric at every evaluation of the finished cells, mean ± sd over seeds as above '
            '(the last column is the table above). Still rising at the last step = not converged.']
@@ -263,17 +271,9 @@ def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row]) -> lis
     header = [labels[f] for f in fields] + [f'step {step}' for step in steps]
     lines += ['', f'### {metric} (%)', '', '| ' + ' | '.join(header) + ' |',
               '|' + '---|' * len(header)]
-    by_key: dict[tuple[str, ...], list[Row]] = {}
-    for row in rows:
-      by_key.setdefault(tuple(str(row.cell.overrides[f]) for f in fields), []).append(row)
-    for values in itertools.product(*(grid[f] for f in fields)):
-      members = by_key.get(tuple(str(v) for v in values))
-      if not members:
-        continue
-      cells = [str(v) for v in values]
-      for step in steps:
-        stat = summarize([r.by_step[step][metric] for r in members if step in r.by_step])
-        cells.append(format_stat(stat))
+    for group in groups:
+      cells = [str(group.key[f]) for f in fields]
+      cells += [format_stat(group.by_step.get(step, {}).get(metric, no_value)) for step in steps]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 

@@ -94,7 +94,7 @@ _CHILDREN = _Children()
 
 
 class Terminated(KeyboardInterrupt):
-  """Raised in the main thread by `handle_sigterm`'s handler, after SIGTERM reached the cells."""
+  """Raised in the main thread by `handle_sigterm`'s handler; the runner then stops the cells."""
 
 
 def handle_sigterm() -> Any:
@@ -145,9 +145,9 @@ def run_subprocess(argv: Sequence[str], cwd: str, log_path: str,
 
   Called from the main thread this behaves like subprocess.run (a KeyboardInterrupt kills the
   child), except on `Terminated` (SIGTERM, see handle_sigterm): the child gets SIGTERM and up to
-  STOP_GRACE_S to exit before it is killed. Called from another thread (the parallel runner's workers), the child ignores SIGINT:
-  such a caller cannot see Ctrl-C, so the runner's main thread stops the child with SIGTERM, which
-  run.py answers with a checkpoint.
+  STOP_GRACE_S to exit before it is killed. Called from another thread (the parallel runner's
+  workers), the child ignores SIGINT: such a caller cannot see Ctrl-C, so the runner's main
+  thread stops the child with SIGTERM, which run.py answers with a checkpoint.
 
   Raises:
     ValueError: cpus given where os.sched_setaffinity does not exist, or empty.

@@ -11,7 +11,8 @@ same width (`mask_head.num_filters`, 16) and 32 px crops, so depth is what varie
 
 Variants (after ':'):
   (none)  heads {default, resnet4, resnet12, hourglass20, hourglass52} x crops {gt, proposals}
-          x seeds {0, 1}: 20 cells of 1,500 steps, evaluated every 500 (9-20 min each here).
+          x seeds {0, 1}: 20 cells of 1,500 steps, evaluated every 500 (26-41 min each here,
+          two at a time with --parallel=2).
   quick   finding (1) only: the demo (hourglass20, 16 px crops) with gt vs proposal crops,
           one seed, 700 steps: two cells, ~18 min on a 2-core CPU.
   jitter  a diagnostic beside the full grid: GT crops whose boxes are jittered
