@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
           # 'gt' crops only: move each GT box side by up to this ratio / 2 of the box's size
           # (Deep-MAC's max_roi_jitter_ratio, 'default' mode; 0 = tight GT boxes, as released).
           gt_box_jitter=0.0,
+          # Floor on the values per channel the mask head's BatchNorm statistics rest on; the
+          # running averages make up a shortfall (layers.BatchNorm). 0 = plain BatchNorm. For
+          # CPU-size batches whose few instances reach 1x1 inside a deep hourglass.
+          bn_min_count=0.0,
       ),
       compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32
   )
@@ -167,6 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   elif jitter and model.mask_head.train_crops != 'gt':
     errors.append(f'config.model.mask_head.gt_box_jitter={jitter} applies to GT crops only; '
                   f'train_crops is {model.mask_head.train_crops!r}')
+  if model.mask_head.bn_min_count < 0:
+    errors.append(f'config.model.mask_head.bn_min_count={model.mask_head.bn_min_count} must be '
+                  '>= 0 (values per channel; 0 = plain BatchNorm)')
   head = catalogue.MASK_HEADS.get(model.mask_head.type)
   if isinstance(head, catalogue.HourglassSpec) and head.downsample:
     multiple = 2 ** (len(head.blocks_per_stage) - 1)

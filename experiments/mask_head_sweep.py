@@ -57,6 +57,12 @@ def get_config(arg: str | None = None):
     # The official 32 px mask crops (64x64 logits) for every head: hourglass52 halves its
     # input five times, and the comparison should differ in the head alone.
     config.model.mask_head.crop_size = 32
+    # A batch of 8 images trains on ~8 (GT crops) to ~24 instances, which hourglass52 halves to
+    # 1x1, so its deepest BatchNorms normalised so few values that its gradients exploded and
+    # its detector never trained (benchmarks/mask_head_gradients.py). The running averages make
+    # up the values a BatchNorm lacks below 64 per channel (layers.BatchNorm): every other head
+    # keeps >= 8x8 per instance, so for them this changes nothing.
+    config.model.mask_head.bn_min_count = 64.0
     config.train.total_steps = 1500
     # The report reads the last evaluation; the earlier ones show whether AP still rises.
     config.eval.every_steps = 500

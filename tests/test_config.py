@@ -95,6 +95,15 @@ def test_validate_rejects_bad_gt_box_jitter(jitter, crops, expected):
   config_lib.validate(config)
 
 
+def test_validate_rejects_a_negative_bn_min_count():
+  config = deepmarc_spinenet.get_config('demo')
+  config.model.mask_head.bn_min_count = -1.0
+  with pytest.raises(config_lib.ConfigError, match=re.escape('bn_min_count=-1.0 must be >= 0')):
+    config_lib.validate(config)
+  config.model.mask_head.bn_min_count = 64.0
+  config_lib.validate(config)
+
+
 def _run(tmp_path, *overrides):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   return subprocess.run(

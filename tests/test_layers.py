@@ -41,3 +41,79 @@ def test_all_masked_out_keeps_running_stats_and_stays_finite():
   (y, stats), v = _apply(module, X, mask)
   assert np.isfinite(np.asarray(y)).all()
   jax.tree_util.tree_map(np.testing.assert_array_equal, stats['batch_stats'], v['batch_stats'])
+
+
+def _stand_in_values(mean, var, n, rng):
+  """n values per channel [n, C] whose mean and (biased) variance are exactly mean and var."""
+  z = rng.normal(size=(n, mean.shape[0]))
+  z = (z - z.mean(0)) / z.std(0)
+  return mean + np.sqrt(var) * z
+
+
+def test_min_count_pools_running_averages_for_the_shortfall():
+  """Statistics on 27 values per channel with a floor of 40: as if 13 more values, with the
+  running mean and variance, had joined the batch (reference: numpy on that pooled sample)."""
+  rng = np.random.default_rng(1)
+  mask = np.array([True, False, True, False, True, False])  # 3 examples x 3x3 = 27 values
+  module = layers.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3,
+                            min_count=40)
+  variables = module.init(jax.random.key(0), X, jnp.asarray(mask))
+  ra_mean, ra_var = np.array([0.5, -2.0, 4.0, 1.0]), np.array([2.0, 0.5, 9.0, 1.0])
+  variables = {**variables, 'batch_stats': {'mean': jnp.asarray(ra_mean, jnp.float32),
+                                            'var': jnp.asarray(ra_var, jnp.float32)}}
+  (y, stats), _ = _apply(module, X, jnp.asarray(mask), variables)
+  pooled = np.concatenate([X[mask].reshape(-1, 4), _stand_in_values(ra_mean, ra_var, 13, rng)])
+  mean, var = pooled.mean(0), pooled.var(0)
+  np.testing.assert_allclose(y[mask], ((X - mean) / np.sqrt(var + 1e-3))[mask], atol=1e-4)
+  np.testing.assert_allclose(stats['batch_stats']['mean'], 0.9 * ra_mean + 0.1 * mean,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats['batch_stats']['var'], 0.9 * ra_var + 0.1 * var, rtol=1e-5)
+  # Masked-out examples (padding) still change nothing.
+  padded = np.where(mask[:, None, None, None], X, 100.0 * rng.normal(size=X.shape))
+  (y_padded, stats_padded), _ = _apply(module, padded.astype(np.float32), jnp.asarray(mask),
+                                       variables)
+  np.testing.assert_allclose(y_padded[mask], y[mask], rtol=1e-6, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                         stats_padded, stats)
+
+
+def test_min_count_at_or_below_the_count_changes_nothing():
+  """27 values per channel: floors 0 and 27 give bit-identical outputs, statistics and input
+  gradients; 28 does not."""
+  mask = jnp.asarray([True, False, True, False, True, False])
+
+  def run(min_count):
+    module = layers.BatchNorm(use_running_average=False, momentum=0.9, min_count=min_count)
+    variables = module.init(jax.random.key(0), X, mask)
+
+    def loss(x):
+      y, stats = module.apply(variables, x, mask, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y) * mask[:, None, None, None]), (y, stats)
+
+    return jax.grad(loss, has_aux=True)(jnp.asarray(X))
+
+  grads0, (y0, stats0) = run(0.0)
+  grads27, (y27, stats27) = run(27.0)
+  np.testing.assert_array_equal(y0, y27)
+  np.testing.assert_array_equal(grads0, grads27)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, stats0, stats27)
+  _, (y28, _) = run(28.0)
+  assert not np.allclose(np.asarray(y0)[np.asarray(mask)], np.asarray(y28)[np.asarray(mask)])
+
+
+def test_min_count_tames_the_gradient_of_two_examples_at_1x1():
+  """Two values per channel (two instances at a 1x1 level): plain BatchNorm divides by their
+  half-distance, so the input gradient grows as they approach; the floor bounds it."""
+  x = jnp.asarray([[1.0], [1.0001]]).reshape(2, 1, 1, 1)
+
+  def input_grad_norm(min_count):
+    module = layers.BatchNorm(use_running_average=False, min_count=min_count)
+    variables = module.init(jax.random.key(0), x)
+    loss = lambda x: module.apply(variables, x, mutable=['batch_stats'])[0][0, 0, 0, 0]
+    return float(jnp.linalg.norm(jax.grad(loss)(x)))
+
+  # Hand-worked: var = (5e-5)^2 << eps = 1e-5, so plain BN is (x - mean) / sqrt(eps) and
+  # d y_0 / d x = (1 - 1/2, -1/2) / sqrt(eps): norm 0.707 * 316 = 224. With 62 stand-in values
+  # (mean 0, variance 1) the pooled variance is ~1 and y_0 ~ x_0 - mean: gradient ~(1 - 1/64).
+  np.testing.assert_allclose(input_grad_norm(0.0), 0.5 ** 0.5 / 1e-5 ** 0.5, rtol=1e-3)
+  np.testing.assert_allclose(input_grad_norm(64.0), 1.0, atol=0.05)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from deepmarc_jax.models.catalogue import MASK_HEADS
 from deepmarc_jax.models.hourglass import Hourglass
-from deepmarc_jax.models.layers import count_params
+from deepmarc_jax.models.layers import BatchNorm, NormConfig, count_params
 from deepmarc_jax.models.mask_heads import MaskHead
 
 C_IN, NC = 256, 64
@@ -199,6 +200,32 @@ def test_train_step_updates_batch_stats_with_keras_momentum_and_reaches_the_inpu
   np.testing.assert_allclose(
       new['convnet']['conv_input_conv_block']['BatchNorm_0']['mean'], 0.9 * batch_mean,
       rtol=1e-4, atol=1e-6)
+
+
+def _batchnorm_settings(head):
+  """(min_count, momentum, epsilon) of each BatchNorm the head calls, in call order (traced)."""
+  settings = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, BatchNorm) and context.method_name == '__call__':
+      module = context.module
+      settings.append((module.min_count, module.momentum, module.epsilon))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(head.init, train=True), KEY, jnp.zeros((2, 8, 8, 4)), None)
+  return settings
+
+
+@pytest.mark.parametrize('name', ['default', 'resnet4', 'hourglass10'])
+def test_bn_min_count_reaches_every_batchnorm_of_the_head(name):
+  """The head's floor (layers.BatchNorm min_count) also sets the convnet's BatchNorms, which keep
+  their reference momentum and epsilon. (The floor's numbers: tests/test_layers.py.)"""
+  floored = _batchnorm_settings(MaskHead(name, num_filters=8, norm=NormConfig(min_count=64.0)))
+  plain = _batchnorm_settings(MaskHead(name, num_filters=8))
+  assert len(floored) == len(plain) > 1
+  assert {count for count, _, _ in floored} == {64.0}
+  assert [rest for _, *rest in floored] == [rest for _, *rest in plain]
 
 
 def test_eval_mode_leaves_batch_stats_alone():

@@ -2,6 +2,7 @@
 both crop modes and both inference paths, on a tiny model."""
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +147,27 @@ def test_gt_box_jitter_moves_the_crops_and_their_targets_with_them(tiny):
       targets['masks'].shape[-1])
   np.testing.assert_allclose(targets['masks'], expected, atol=1e-6)
   assert not np.allclose(targets['masks'], tight['masks'])
+
+
+def test_mask_head_bn_min_count_reaches_the_mask_head_only():
+  """config.model.mask_head.bn_min_count sets the floor of every mask-head BatchNorm and of no
+  other (traced, not run)."""
+  config = _tiny_config()
+  config.model.mask_head.bn_min_count = 64.0
+  model = mask_rcnn.MaskRCNN.from_config(config)
+  floors = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.BatchNorm) and context.method_name == '__call__':
+      in_mask_head = context.module.path[0] == 'mask_head'
+      floors.setdefault(in_mask_head, set()).add(context.module.min_count)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda b: model.init({'params': jax.random.key(0),
+                                         'sampling': jax.random.key(1)}, b, train=True),
+                   _batch())
+  assert floors == {True: {64.0}, False: {0.0}}
 
 
 def test_detect_and_segment_boxes_have_static_shapes(tiny):

@@ -689,6 +689,7 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   """experiments/mask_head_sweep.py: every cell's resolved config passes validation (e.g. the
   six-stage hourglass52 gets crops it can halve five times) and scores masks from GT boxes."""
   from deepmarc_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.models import catalogue  # pylint: disable=g-import-not-at-top
   path = str(REPO / 'experiments' / 'mask_head_sweep.py')
   flag = path if arg is None else f'{path}:{arg}'
   sweep = sweep_lib.load(flag, str(tmp_path))
@@ -700,6 +701,13 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
     assert config.eval.gt_box_masks and cell.total_steps == config.train.total_steps
     # The jitter cells are the full grid's GT-crop cells with jittered boxes.
     assert config.model.mask_head.gt_box_jitter == (0.5 if arg == 'jitter' else 0.0)
+    # The BatchNorm floor acts on hourglass52 alone: every other head's smallest level holds at
+    # least that many values per channel for a single instance.
+    head = catalogue.MASK_HEADS[config.model.mask_head.type]
+    stages = len(head.blocks_per_stage) if isinstance(head, catalogue.HourglassSpec) else 1
+    smallest = (config.model.mask_head.crop_size // 2 ** (stages - 1)) ** 2
+    floor = config.model.mask_head.bn_min_count
+    assert (smallest < floor) == (config.model.mask_head.type == 'hourglass52'), (smallest, floor)
   if arg == 'jitter':
     full = module.get_config()
     full.model.mask_head.gt_box_jitter = 0.5

@@ -33,10 +33,14 @@ variance_scaling = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_no
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-  """BatchNorm settings; `axis_name` set for cross-replica (sync) BN under shard_map/pmap."""
+  """BatchNorm settings; `axis_name` set for cross-replica (sync) BN under shard_map/pmap.
+
+  min_count: the fewest values per channel BatchNorm statistics may rest on; see `BatchNorm`.
+  """
   momentum: float = 0.99
   epsilon: float = 1e-3
   axis_name: str | None = None
+  min_count: float = 0.0
 
 
 class ConvBN(nn.Module):
@@ -72,12 +76,21 @@ class BatchNorm(nn.Module):
   With `mask`, statistics use only the masked-in entries; when nothing is masked in (e.g. no
   mask-allowed instance in the whole batch) it normalises with the running averages and leaves
   them unchanged, so the (unused) outputs stay finite; flax's masked BatchNorm divides by zero.
+
+  `min_count` > 0 is a floor on the values per channel the training statistics rest on: when the
+  (masked, all-replica) batch holds count < min_count of them, the running averages stand in for
+  the missing min_count - count values (pooled mean and variance of the two). Why: a mask head
+  trained on a few real instances per batch normalises only that many values per channel where
+  its hourglass reaches 1x1; their variance is then tiny and noisy and the gradients explode
+  (benchmarks/mask_head_gradients.py). Batches with count >= min_count are normalised exactly as
+  with min_count 0, so a floor below every level's count changes nothing.
   """
   use_running_average: bool
   momentum: float = 0.99
   epsilon: float = 1e-5
   axis_name: str | None = None
   dtype: Dtype | None = None
+  min_count: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -102,14 +115,18 @@ class BatchNorm(nn.Module):
       if self.axis_name is not None:
         count, total = jax.lax.psum((count, total), self.axis_name)
       seen = count > 0
-      # No example in the batch: normalise with the running statistics, as in evaluation.
-      mean = jnp.where(seen, total / jnp.maximum(count, 1.0), ra_mean.value)
+      # Values the running averages stand in for: the floor's shortfall, or (no example in the
+      # batch) all of them, which normalises with the running statistics as in evaluation.
+      stand_in = jnp.where(seen, jnp.maximum(self.min_count - count, 0.0),
+                           jnp.maximum(self.min_count, 1.0))
+      pooled = count + stand_in
+      mean = (total + stand_in * ra_mean.value) / pooled
       # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in float32 when a channel's
       # mean dwarfs its spread, which makes gradients depend on reduction order.
       total_sq = jnp.sum(jnp.square(xf - mean) * weight, axes)
       if self.axis_name is not None:
         total_sq = jax.lax.psum(total_sq, self.axis_name)
-      var = jnp.where(seen, total_sq / jnp.maximum(count, 1.0), ra_var.value)
+      var = (total_sq + stand_in * (ra_var.value + jnp.square(ra_mean.value - mean))) / pooled
       if not self.is_initializing():
         ra_mean.value = jnp.where(seen, self.momentum * ra_mean.value
                                   + (1 - self.momentum) * mean, ra_mean.value)
@@ -128,7 +145,7 @@ def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
   """
   return BatchNorm(use_running_average=not train, momentum=norm.momentum,
                    epsilon=norm.epsilon, axis_name=norm.axis_name, dtype=dtype,
-                   name=name)(x, mask)
+                   min_count=norm.min_count, name=name)(x, mask)
 
 
 def count_params(tree) -> int:

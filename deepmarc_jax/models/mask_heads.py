@@ -37,8 +37,6 @@ RESNET_NORM = NormConfig(momentum=0.99, epsilon=1.001e-5)
 _PAD_1 = ((1, 1), (1, 1))
 
 
-
-
 class ConvStack(nn.Module):
   """`default` convnet: num_convs x [3x3 conv (bias) + BN + ReLU]. [R,H,W,C] -> [R,H,W,features]."""
   num_convs: int
@@ -111,7 +109,8 @@ class MaskHead(nn.Module):
     upsample_factor: u, kernel size and stride of the deconv.
     class_agnostic: one logit channel; otherwise num_classes channels gathered by ROI class.
     num_classes: logit channels when class-specific (ROI classes index them directly).
-    norm: the head's own BatchNorms; its axis_name also synchronises the convnet's BatchNorms,
+    norm: the head's own BatchNorms; its axis_name and min_count (a floor on the values per
+      channel the statistics rest on, layers.BatchNorm) also apply to the convnet's BatchNorms,
       which keep their reference momentum/epsilon.
     dtype: computation dtype (params stay float32; logits are returned as float32).
   """
@@ -130,10 +129,12 @@ class MaskHead(nn.Module):
     if isinstance(spec, ConvHeadSpec):
       return ConvStack(spec.num_convs, self.num_filters, self.norm, self.dtype, name='convnet')
     if isinstance(spec, ResNetHeadSpec):
-      norm = dataclasses.replace(RESNET_NORM, axis_name=self.norm.axis_name)
+      norm = dataclasses.replace(RESNET_NORM, axis_name=self.norm.axis_name,
+                                 min_count=self.norm.min_count)
       return ResNetMaskNet(spec, self.num_filters, norm, self.dtype, name='convnet')
     assert isinstance(spec, HourglassSpec), spec
-    norm = dataclasses.replace(HOURGLASS_NORM, axis_name=self.norm.axis_name)
+    norm = dataclasses.replace(HOURGLASS_NORM, axis_name=self.norm.axis_name,
+                               min_count=self.norm.min_count)
     return Hourglass(spec, self.num_filters, norm, self.dtype, name='convnet')
 
   @nn.compact

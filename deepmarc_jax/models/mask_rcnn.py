@@ -79,6 +79,7 @@ class Settings:
   norm: layers.NormConfig
   dtype: Any
   gt_box_jitter: float = 0.0  # 'gt' crops: random side moves, as a ratio of the box's size
+  mask_bn_min_count: float = 0.0  # mask-head BatchNorm: fewest values per channel (layers.py)
   keep_degenerate_proposals: bool = False  # Model Garden's ROI generator keeps them
   test_pre_nms_top_k: int | None = None  # RPN pre-NMS top-k at inference (None: rpn[2])
 
@@ -107,6 +108,7 @@ class MaskRCNN(nn.Module):
         mask_crop_size=m.mask_head.crop_size, train_crops=m.mask_head.train_crops,
         max_train_instances=m.mask_head.max_train_instances,
         gt_box_jitter=m.mask_head.get('gt_box_jitter', 0.0),
+        mask_bn_min_count=m.mask_head.get('bn_min_count', 0.0),
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
         dtype=_DTYPES[m.compute_dtype],
         keep_degenerate_proposals=m.rpn.get('keep_degenerate', False),
@@ -140,8 +142,9 @@ class MaskRCNN(nn.Module):
     self.detection_head = roi_heads.DetectionHead(
         num_classes=s.num_classes, num_convs=num_convs, num_filters=num_filters,
         num_fcs=num_fcs, fc_dims=fc_dims, norm=s.norm, dtype=s.dtype)
-    self.mask_head = mask_heads.MaskHead(type=s.mask_head_type, num_filters=s.mask_filters,
-                                         norm=s.norm, dtype=s.dtype)
+    self.mask_head = mask_heads.MaskHead(
+        type=s.mask_head_type, num_filters=s.mask_filters,
+        norm=dataclasses.replace(s.norm, min_count=s.mask_bn_min_count), dtype=s.dtype)
 
   # -- shared pieces ----------------------------------------------------------------------------
 
