@@ -66,7 +66,7 @@ def _fail(message: str) -> None:
 def _write_report(sweep: sweep_lib.Sweep) -> dict:
   """Writes the report of the whole declared grid; returns write_report's dict."""
   return sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
-                                   config=sweep.config_flag)
+                                   config=sweep.config_flag, contrasts=sweep.contrasts)
 
 
 def main(argv):

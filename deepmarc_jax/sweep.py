@@ -11,6 +11,9 @@ Conventions:
     component of the field; axes whose short names clash are named by their full field instead.
     Values are written with str() and must not contain '/', ',' or whitespace.
   * An axis whose last component is 'seed' is a replicate axis (the report averages over it).
+  * Optionally, `get_contrasts(arg) -> {field: baseline value}` names comparisons the report makes
+    as paired differences: each other value of that (non-seed) axis minus the baseline, cell by
+    cell with every other axis (the seed included) equal.
   * A cell is finished when its workdir holds `eval_<train.total_steps>.json`, with
     total_steps read from the cell's resolved config (get_config(arg) plus the cell's values).
     Unfinished cells are simply run again; run.py resumes from the cell's checkpoints.
@@ -79,6 +82,7 @@ class Sweep:
     grid: the grid after --only narrowing.
     cells: the cells of `grid`, in grid order.
     all_cells: the cells of `full_grid`, in grid order (what the report covers).
+    contrasts: {non-seed field: baseline value} from get_contrasts ({} without one).
   """
   config_path: str
   config_arg: str | None
@@ -87,6 +91,7 @@ class Sweep:
   grid: dict[str, list[Any]]
   cells: list[Cell]
   all_cells: list[Cell]
+  contrasts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def config_flag(self) -> str:
@@ -147,6 +152,30 @@ def validate_grid(grid: Any) -> dict[str, list[Any]]:
       raise ValueError(f'sweep axis {field!r}: values {duplicates} appear more than once (as '
                        f'str); values: {list(values)}')
     checked[field] = list(values)
+  return checked
+
+
+def validate_contrasts(contrasts: Any, grid: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+  """Returns get_contrasts' {field: baseline}, the baseline as the grid holds it.
+
+  Raises:
+    ValueError: not a mapping, a field that is not a non-seed axis with >= 2 values, or a
+      baseline (compared as str) that is not among the axis' values.
+  """
+  if not isinstance(contrasts, Mapping):
+    raise ValueError(f'get_contrasts must return a dict {{field: baseline value}}, got '
+                     f'{contrasts!r}')
+  checked = {}
+  for field, baseline in contrasts.items():
+    if field not in grid or is_seed_axis(field) or len(grid[field]) < 2:
+      axes = [f for f in grid if not is_seed_axis(f) and len(grid[f]) >= 2]
+      raise ValueError(f'get_contrasts: {field!r} is not a non-seed sweep axis with two or more '
+                       f'values; allowed: {axes}')
+    matches = [v for v in grid[field] if str(v) == str(baseline)]
+    if not matches:
+      raise ValueError(f'get_contrasts: baseline {baseline!r} is not a value of {field!r}; '
+                       f'values: {list(grid[field])}')
+    checked[field] = matches[0]
   return checked
 
 
@@ -268,6 +297,8 @@ def load(config_flag: str, sweep_dir: str, only: Sequence[str] = ()) -> Sweep:
                        'config needs both get_config and get_sweep')
   full_grid = validate_grid(module.get_sweep(arg))
   grid = narrow(full_grid, only)
+  get_contrasts = getattr(module, 'get_contrasts', None)
+  contrasts = validate_contrasts(get_contrasts(arg), full_grid) if callable(get_contrasts) else {}
 
   def total_steps(overrides):
     return apply_overrides(module.get_config(arg), overrides).train.total_steps
@@ -275,7 +306,8 @@ def load(config_flag: str, sweep_dir: str, only: Sequence[str] = ()) -> Sweep:
   all_cells = expand(full_grid, total_steps)
   names = {c.name for c in expand(grid, lambda _: 0)}
   cells = [c for c in all_cells if c.name in names]
-  return Sweep(path, arg, os.path.abspath(sweep_dir), full_grid, grid, cells, all_cells)
+  return Sweep(path, arg, os.path.abspath(sweep_dir), full_grid, grid, cells, all_cells,
+               contrasts)
 
 
 def run_py_path() -> str:

@@ -11,6 +11,11 @@ its wall time), groups the cells by all non-seed axes and writes, in the sweep d
   * report.md also has, when the cells were evaluated more than once, a table per curve metric
     (CURVE_METRICS) of its mean over seeds at every evaluated step (each `eval_<step>.json` of the
     finished cells): whether AP had stopped rising by the last step.
+  * report.md also has, for each contrast the sweep declares ({field: baseline}, from the
+    experiment's get_contrasts), a table of paired differences: every other value of that axis
+    minus the baseline, cell by cell with all other axes (the seed included) equal, as mean ± sd
+    over the pairs, per combination of the other non-seed axes. Paired, because seeds share
+    data order and initialisation, which a difference of means would count as spread.
   * report.png: mask AP against the first non-seed axis, seen and unseen classes side by side,
     one line per combination of the other non-seed axes, sd error bars (a second row for masks
     from ground-truth boxes).
@@ -119,6 +124,27 @@ class Group:
     return len(self.cells)
 
 
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  """Cells with `field` = `value` minus their partners with `field` = `baseline`.
+
+  Attributes:
+    field: the contrasted axis.
+    value: its compared value.
+    baseline: its baseline value.
+    key: {other non-seed field: value}, in grid order.
+    pairs: the number of (cell, partner) pairs, i.e. seeds with both cells finished.
+    stats: {metric name: Stat of the per-pair differences}; a pair with a null or absent value
+      is left out of that metric (a null counts as a null).
+  """
+  field: str
+  value: Any
+  baseline: Any
+  key: dict[str, Any]
+  pairs: int
+  stats: dict[str, Stat]
+
+
 def _lookup(results: Mapping[str, Any], path: Sequence[str]) -> float | None:
   """Returns the number at a key path of an eval JSON: NaN if null, None if absent."""
   node: Any = results
@@ -215,26 +241,65 @@ def aggregate(rows: Sequence[Row], grid: Mapping[str, Sequence[Any]]) -> list[Gr
   return groups
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None else a - b
+
+
+def differences(rows: Sequence[Row], grid: Mapping[str, Sequence[Any]],
+                contrasts: Mapping[str, Any]) -> list[Difference]:
+  """Returns the paired differences of each contrast ({field: baseline}), in grid order.
+
+  A row is paired with the baseline row whose overrides differ in `field` alone; combinations
+  without a pair are left out.
+  """
+  fields = non_seed_fields(grid)
+  result = []
+  for field, baseline in contrasts.items():
+    def rest(row):  # every override but the contrasted one, the seed included
+      return tuple(str(v) for f, v in row.cell.overrides.items() if f != field)
+
+    partners = {rest(r): r for r in rows if str(r.cell.overrides[field]) == str(baseline)}
+    others = [f for f in fields if f != field]
+    for value in grid[field]:
+      if str(value) == str(baseline):
+        continue
+      for combo in itertools.product(*(grid[f] for f in others)):
+        pairs = [(r, partners[rest(r)]) for r in rows
+                 if str(r.cell.overrides[field]) == str(value)
+                 and all(str(r.cell.overrides[f]) == str(c) for f, c in zip(others, combo))
+                 and rest(r) in partners]
+        if pairs:
+          result.append(Difference(
+              field, value, baseline, dict(zip(others, combo)), len(pairs),
+              {m.name: summarize([_minus(a.metrics[m.name], b.metrics[m.name])
+                                  for a, b in pairs]) for m in METRICS}))
+  return result
+
+
 def metrics_shown(rows: Sequence[Row]) -> list[Metric]:
   """Returns the metric columns: the GT-box ones only when some cell has them."""
   with_gt = any(r.has_gt_boxes for r in rows)
   return [m for m in METRICS if with_gt or m.path[0] != GT_BOXES]
 
 
-def format_stat(stat: Stat, scale: float = 100.0) -> str:
-  """Returns 'mean ± sd' (sd with >= 2 values), '-' without values, plus '(k null)'."""
+def format_stat(stat: Stat, scale: float = 100.0, signed: bool = False) -> str:
+  """Returns 'mean ± sd' (sd with >= 2 values), '-' without values, plus '(k null)'.
+
+  signed: write the mean's sign, '+' included (for differences).
+  """
+  mean = f'{scale * stat.mean:{"+" if signed else ""}.1f}'
   if not stat.count:
     text = '-'
   elif stat.count >= 2:
-    text = f'{scale * stat.mean:.1f} ± {scale * stat.sd:.1f}'
+    text = f'{mean} ± {scale * stat.sd:.1f}'
   else:
-    text = f'{scale * stat.mean:.1f}'
+    text = mean
   return text + (f' ({stat.nulls} null)' if stat.nulls else '')
 
 
 def markdown(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
              cells: Sequence[sweep_lib.Cell], rows: Sequence[Row], groups: Sequence[Group],
-             config: str | None = None) -> str:
+             config: str | None = None, diffs: Sequence[Difference] = ()) -> str:
   """Returns the text of report.md."""
   finished = {r.cell.name for r in rows}
   missing = [c.name for c in cells if c.name not in finished]
@@ -250,8 +315,34 @@ def markdown(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
     return '\n'.join(lines) + '\n'
   lines += _table(grid, rows, groups)
   lines += ['', _explanation(grid, rows, groups)]
+  lines += _difference_tables(grid, rows, diffs)
   lines += _curve_tables(grid, rows, groups)
   return '\n'.join(lines) + '\n'
+
+
+def _difference_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
+                       diffs: Sequence[Difference]) -> list[str]:
+  """Returns the lines of the paired-difference tables, one per contrasted axis."""
+  if not diffs:
+    return []
+  labels = sweep_lib.axis_labels(list(grid))
+  metrics = metrics_shown(rows)
+  lines = ['', '## Paired differences', '',
+           'Each row: the cells with the first column\'s value minus the baseline\'s cells in '
+           'the same other settings and seed, in percentage points; mean ± sd over the pairs '
+           '(n = seeds with both cells finished).']
+  for field in dict.fromkeys(d.field for d in diffs):
+    rows_of_field = [d for d in diffs if d.field == field]
+    others = list(rows_of_field[0].key)
+    header = [labels[field]] + [labels[f] for f in others] + ['n']
+    header += [f'{m.name} (pp)' for m in metrics]
+    lines += ['', f'### {labels[field]}: each value minus {rows_of_field[0].baseline}', '',
+              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for d in rows_of_field:
+      cells = [f'{d.value} − {d.baseline}'] + [str(d.key[f]) for f in others] + [str(d.pairs)]
+      cells += [format_stat(d.stats[m.name], signed=True) for m in metrics]
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
@@ -373,7 +464,8 @@ def _line(groups: Sequence[Group], x_field: str | None, x_values: Sequence[str],
 
 
 def write_report(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
-                 cells: Sequence[sweep_lib.Cell], config: str | None = None) -> dict[str, Any]:
+                 cells: Sequence[sweep_lib.Cell], config: str | None = None,
+                 contrasts: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes report.md (always) and report.png (when a cell finished) in the sweep dir.
 
   Args:
@@ -381,14 +473,17 @@ def write_report(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
     grid: the grid the cells come from (fixes the row and x-axis order).
     cells: all cells the report covers; the unfinished ones are listed as missing.
     config: the --config text, shown in the report.
+    contrasts: {field: baseline value}: paired-difference tables (see `differences`).
   Returns:
-    {'markdown': path, 'png': path or None, 'rows': rows, 'groups': groups}.
+    {'markdown': path, 'png': path or None, 'rows': rows, 'groups': groups,
+     'differences': the Differences}.
   """
   os.makedirs(sweep_dir, exist_ok=True)
   rows = collect(sweep_dir, cells)
   groups = aggregate(rows, grid)
+  diffs = differences(rows, grid, contrasts or {})
   md_path = os.path.join(sweep_dir, REPORT_MD)
-  _write_text_atomic(markdown(sweep_dir, grid, cells, rows, groups, config), md_path)
+  _write_text_atomic(markdown(sweep_dir, grid, cells, rows, groups, config, diffs), md_path)
   png_path = os.path.join(sweep_dir, REPORT_PNG)
   if rows:
     tmp = png_path + '.tmp.png'
@@ -397,7 +492,7 @@ def write_report(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
   elif os.path.exists(png_path):  # a stale plot would contradict report.md
     os.remove(png_path)
   return {'markdown': md_path, 'png': png_path if rows else None, 'rows': rows,
-          'groups': groups}
+          'groups': groups, 'differences': diffs}
 
 
 def _write_text_atomic(text: str, path: str) -> None:

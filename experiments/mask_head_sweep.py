@@ -71,6 +71,17 @@ def get_config(arg: str | None = None):
   return config
 
 
+def get_contrasts(arg: str | None = None):
+  """The report's paired differences: finding (1) is gt minus proposal crops, per head;
+  finding (2) each head minus the default 4-conv head, per crop mode."""
+  variants = _variants(arg)
+  if 'quick' in variants:
+    return {'model.mask_head.train_crops': 'proposals'}
+  if 'jitter' in variants:
+    return {'model.mask_head.type': 'default'}
+  return {'model.mask_head.train_crops': 'proposals', 'model.mask_head.type': 'default'}
+
+
 def get_sweep(arg: str | None = None):
   variants = _variants(arg)
   if 'quick' in variants:
