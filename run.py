@@ -9,6 +9,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from deepmarc_jax import xla_cpu  # noqa: E402  (imports nothing heavy)
+
+xla_cpu.add_default_flags()  # before JAX starts its CPU backend
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402

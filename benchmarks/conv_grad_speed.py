@@ -15,6 +15,10 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from deepmarc_jax import xla_cpu  # noqa: E402
+
+xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -32,6 +32,10 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from deepmarc_jax import xla_cpu  # noqa: E402
+
+xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -247,7 +251,8 @@ def main():
   if unknown:
     parser.error(f'unknown cases {sorted(unknown)}; choose from {CASES}')
   print(f'device {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} cpus, '
-        f'jax {jax.__version__}, {args.dtype}, min (median) of {args.repeats} after warm-up')
+        f'jax {jax.__version__}, {args.dtype}, min (median) of {args.repeats} after warm-up, '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
 
   def configured(config):
     config.model.compute_dtype = args.dtype

@@ -5,6 +5,10 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
+from deepmarc_jax import xla_cpu  # noqa: E402
+
+xla_cpu.add_default_flags()  # the tests run the kernels run.py runs
+
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -13,6 +13,10 @@ import os
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
+from deepmarc_jax import xla_cpu  # noqa: E402
+
+xla_cpu.add_default_flags()  # as run.py
+
 import json  # noqa: E402
 
 import jax  # noqa: E402
