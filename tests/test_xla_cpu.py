@@ -3,32 +3,49 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from deepmarc_jax import xla_cpu
 from tests.conftest import REPO
 
 
-def test_adds_ynn_dots_to_other_flags_and_keeps_a_users_choice():
+def test_adds_the_flag_to_other_flags_and_keeps_a_users_choice():
   environ = {}
-  assert xla_cpu.add_default_flags(environ) == xla_cpu.YNN_DOTS == environ['XLA_FLAGS']
+  assert (xla_cpu.add_default_flags(environ) == xla_cpu.NO_YNN_CONVOLUTIONS
+          == environ['XLA_FLAGS'])
   environ = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   xla_cpu.add_default_flags(environ)
   assert environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=8',
-                                          xla_cpu.YNN_DOTS]
-  assert xla_cpu.add_default_flags(environ).split().count(xla_cpu.YNN_DOTS) == 1  # idempotent
-  mine = '--xla_cpu_experimental_ynn_fusion_type=-dot --xla_cpu_enable_fast_math=false'
+                                          xla_cpu.NO_YNN_CONVOLUTIONS]
+  assert xla_cpu.add_default_flags(environ).split().count(xla_cpu.NO_YNN_CONVOLUTIONS) == 1
+  mine = f'{xla_cpu.YNN_FLAG}=+individual_convolution --xla_cpu_enable_fast_math=false'
   environ = {'XLA_FLAGS': mine}
   assert xla_cpu.add_default_flags(environ) == mine == environ['XLA_FLAGS']
 
 
-def test_this_jax_accepts_the_flag():
-  """XLA aborts the process on a flag it does not know: a JAX upgrade that drops this one must
-  fail here, not in a user's run. The child computes a matmul with exactly these flags."""
-  code = ('import jax.numpy as jnp; x = jnp.arange(12.0).reshape(3, 4); '
-          'print(float((x @ x.T).sum()))')
-  env = dict(os.environ, XLA_FLAGS=xla_cpu.YNN_DOTS)
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+# A child compiles a 3x3 convolution with the given XLA_FLAGS and prints how many YNNPACK
+# fusions its HLO holds, then the convolution's sum (XLA aborts the process on a flag it does
+# not know, so a JAX upgrade that drops this one fails here, not in a user's run).
+_CHILD = '''
+import jax, jax.numpy as jnp
+x = jnp.ones((2, 16, 16, 64)); w = jnp.ones((3, 3, 64, 32))  # XLA leaves tiny convs alone
+conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+print(conv.lower(x, w).compile().as_text().count('__ynn_fusion'), float(conv(x, w).sum()))
+'''
+
+
+@pytest.mark.parametrize('flags, ynn_fusions', [
+    (xla_cpu.NO_YNN_CONVOLUTIONS, 0),
+    (f'{xla_cpu.YNN_FLAG}=+individual_convolution', 1),  # XLA's default, for contrast
+])
+def test_the_flag_takes_convolutions_off_ynnpack(flags, ynn_fusions):
+  result = subprocess.run([sys.executable, '-c', _CHILD], cwd=REPO,
+                          env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True,
+                          timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
-  x = [[4 * i + j for j in range(4)] for i in range(3)]
-  expected = sum(sum(a * b for a, b in zip(r, s)) for r in x for s in x)
-  assert float(result.stdout.strip()) == expected
+  count, total = result.stdout.split()
+  # Each output pixel sums 64 channels over the in-image part of its 3x3 window; along one axis
+  # of 16 pixels the windows hold 2 + 14 * 3 + 2 = 46 in-image pixels, so 46^2 in 2D; times 32
+  # output channels and 2 images.
+  assert (int(count), float(total)) == (ynn_fusions, 2 * 32 * 64 * 46 ** 2)
