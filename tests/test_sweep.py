@@ -488,6 +488,9 @@ def test_sigterm_passes_sigterm_to_the_running_cells(config_path, tmp_path, para
   child.write_text(SIGTERM_CHILD)
   messages = []
   previous = sweep_runner.handle_sigterm()
+  # A pytest started with SIGINT ignored (a background job of a script) would pass that on to
+  # the one-at-a-time cell; with a handler installed here, the cell starts with the default.
+  previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     _signal_me_once_logged([os.path.join(c.workdir(sweep.sweep_dir), 'log.txt')
                             for c in sweep.cells[:parallel]], signal.SIGTERM)
@@ -496,6 +499,7 @@ def test_sigterm_passes_sigterm_to_the_running_cells(config_path, tmp_path, para
       sweep_runner.run(sweep, _run_child(child), log=messages.append, parallel=parallel)
   finally:
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_sigint)
   assert time.monotonic() - start < 30
   # Unlike Ctrl-C one at a time, which kills the cell, SIGTERM lets it checkpoint in both modes.
   _assert_stopped_gracefully(sweep, parallel, messages, -signal.SIGTERM,
