@@ -14,12 +14,13 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
   demo_resnet  the same with the earlier demo's narrow R50-FPN (64 filters) as backbone.
   detect    `detect` (1000 proposals, top 100, hourglass52 masks) at 512, batch 1, s/image.
 
-Printed per case: compile seconds (lower + compile), step seconds (min and median of
---repeats after one warm-up), XLA's static peak memory estimate (arguments + temporaries +
-outputs - aliased, from `compiled.memory_analysis()`), XLA-counted FLOPs per step
-(`compiled.cost_analysis()`) and the FLOP rate they imply. `--breakdown` also times the
-forward+backward of the step's parts in isolation (backbone+FPN, RPN head, box head on the
-sampled ROIs, mask head on its crops, ROIAlign of both): where the time goes.
+Printed per case: compile seconds (trace + lower + XLA compile; for train steps also trace +
+lower alone), step seconds (min and median of --repeats after one warm-up), XLA's static peak
+memory estimate (arguments + temporaries + outputs - aliased, from `compiled.memory_analysis()`),
+XLA-counted FLOPs per step (`compiled.cost_analysis()`) and the FLOP rate they imply.
+`--breakdown` also times the forward+backward of the step's parts in isolation (backbone+FPN, RPN
+head, box head on the sampled ROIs, mask head on its crops, ROIAlign of both): where the time
+goes.
 Printed, not asserted: the targets live in the README's benchmark table.
 """
 from __future__ import annotations
@@ -139,8 +140,9 @@ def run_timed(fn, args_fn, repeats: int) -> tuple[float, float]:
 
 
 def report(name: str, compile_s: float, step: tuple[float, float], flops: float, peak: float,
-           per: str = 'step') -> None:
-  print(f'{name:<10s} compile {compile_s:6.1f} s | {per} {step[0]:7.3f} s (median {step[1]:7.3f})'
+           per: str = 'step', lower_s: float | None = None) -> None:
+  split = '' if lower_s is None else f' (trace+lower {lower_s:5.1f})'
+  print(f'{name:<10s} compile {compile_s:6.1f} s{split} | {per} {step[0]:7.3f} s (median {step[1]:7.3f})'
         f' | XLA peak {peak / GiB:6.2f} GiB | {flops / 1e9:8.1f} GFLOP/{per} = '
         f'{flops / 1e9 / step[0]:6.1f} GFLOP/s | max RSS so far '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:5.2f} GiB', flush=True)
@@ -153,7 +155,9 @@ def bench_train_step(name: str, config, num_instances: int, repeats: int) -> tra
   step = train.make_train_step(exp)
   state = train.init_state(exp, rng)
   start = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  lowered = step.lower(state, batch, rng)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   flops, peak = compiled_stats(compiled)
   holder = {'state': state}
@@ -162,7 +166,7 @@ def bench_train_step(name: str, config, num_instances: int, repeats: int) -> tra
     holder['state'], metrics = compiled(state, batch, rng)
     return metrics
   timing = run_timed(call, lambda: (holder['state'], batch, rng), repeats)
-  report(name, compile_s, timing, flops, peak)
+  report(name, compile_s, timing, flops, peak, lower_s=lower_s)
   return exp
 
 
