@@ -28,9 +28,14 @@ axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_
       '# finished: <cell>'; runs nothing.
   --report_only
       Only rewrites the report from the cells finished so far.
+  --compilation_cache=jax_cache
+      JAX's persistent compilation cache the cells share, a folder under DIR: cells that
+      differ only in values (e.g. seeds) load their compiled train and eval steps instead of
+      compiling them again. '' turns it off; JAX_COMPILATION_CACHE_DIR in the environment wins.
 
 The report always covers the whole declared grid; --only limits what is run or printed.
 """
+import os
 import signal
 import sys
 
@@ -55,6 +60,9 @@ _REPORT_ONLY = flags.DEFINE_bool(
 _PARALLEL = flags.DEFINE_integer(
     'parallel', 1, 'Cells run at a time; on Linux each is pinned to its own share of the CPUs. '
     'No effect with --print_commands or --report_only.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', 'jax_cache', "JAX's persistent compilation cache for the cells run "
+    "here, a folder under --sweep_dir; '' turns it off. JAX_COMPILATION_CACHE_DIR wins.")
 flags.mark_flags_as_required(['config', 'sweep_dir'])
 
 
@@ -93,6 +101,10 @@ def main(argv):
           f'report: {report["markdown"]}')
     return
 
+  cache = _COMPILATION_CACHE.value and os.path.join(sweep.sweep_dir, _COMPILATION_CACHE.value)
+  cache = sweep_runner.share_compilation_cache(cache)
+  if cache:
+    print(f'compilation cache: {cache}', flush=True)
   sweep_runner.handle_sigterm()
   try:
     failed = sweep_runner.run(sweep, after_cell=lambda: _write_report(sweep),

@@ -31,7 +31,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -236,6 +236,28 @@ def check_parallel(parallel: int, name: str = 'parallel') -> None:
     raise ValueError(f'{name}={parallel}: more cells at a time than the {len(cpus)} CPU(s) this '
                      f'process may use ({_cpus_text(cpus)}); each running cell is pinned to its '
                      'own CPUs')
+
+
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+
+
+def share_compilation_cache(cache_dir: str, environ: MutableMapping[str, str] = os.environ) -> str:
+  """Points the cells (children inherit `environ`) at one JAX persistent compilation cache.
+
+  Cells that differ only in values, not in shapes or programs (e.g. seeds), then load their
+  train and evaluation executables from the cache instead of compiling them again. XLA's compile
+  options, its flags included, are part of the cache key, so cells run with other XLA_FLAGS do
+  not share entries. A JAX_COMPILATION_CACHE_DIR already in `environ` wins; '' turns it off.
+
+  Args:
+    cache_dir: the cache folder ('' for none).
+    environ: the environment the cells will inherit.
+  Returns:
+    The cache folder the cells will use ('' for none).
+  """
+  if CACHE_ENV not in environ and cache_dir:
+    environ[CACHE_ENV] = cache_dir
+  return environ.get(CACHE_ENV, '')
 
 
 def _finish_cell(sweep: sweep_lib.Sweep, cell: sweep_lib.Cell, argv: Sequence[str], wall: float,

@@ -323,6 +323,38 @@ def test_run_through_a_real_subprocess(config_path, tmp_path):
   assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir))['returncode'] == 3
 
 
+def test_share_compilation_cache_defaults_but_never_overrides(tmp_path):
+  environ = {}
+  assert sweep_runner.share_compilation_cache(str(tmp_path / 'c'), environ) == str(tmp_path / 'c')
+  assert environ == {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'c')}
+  environ = {'JAX_COMPILATION_CACHE_DIR': '/users/own'}
+  assert sweep_runner.share_compilation_cache(str(tmp_path / 'c'), environ) == '/users/own'
+  assert environ == {'JAX_COMPILATION_CACHE_DIR': '/users/own'}
+  environ = {}
+  assert sweep_runner.share_compilation_cache('', environ) == '' and environ == {}
+
+
+CACHE_PROBE = """
+import jax, jax.numpy as jnp
+events = []
+jax.monitoring.register_event_listener(lambda name, **_: events.append(name))
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+print(sorted({e.rsplit('/', 1)[1] for e in events} & {'cache_hits', 'cache_misses'}))
+"""
+
+
+def test_cells_share_compiled_programs_through_the_cache(tmp_path):
+  """Two cell processes with the environment share_compilation_cache sets: the first compiles
+  and stores, the second loads (JAX's own cache events), so the cache works on this backend."""
+  environ = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # tiny program
+  environ.pop('JAX_COMPILATION_CACHE_DIR', None)
+  sweep_runner.share_compilation_cache(str(tmp_path / 'jax_cache'), environ)
+  runs = [subprocess.run([sys.executable, '-c', CACHE_PROBE], env=environ, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip() for _ in range(2)]
+  assert runs == ["['cache_misses']", "['cache_hits']"]
+  assert os.listdir(tmp_path / 'jax_cache')
+
+
 # Running cells in parallel.
 
 PINNING = hasattr(os, 'sched_setaffinity')
