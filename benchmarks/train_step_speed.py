@@ -142,8 +142,8 @@ def run_timed(fn, args_fn, repeats: int) -> tuple[float, float]:
 def report(name: str, compile_s: float, step: tuple[float, float], flops: float, peak: float,
            per: str = 'step', lower_s: float | None = None) -> None:
   split = '' if lower_s is None else f' (trace+lower {lower_s:5.1f})'
-  print(f'{name:<10s} compile {compile_s:6.1f} s{split} | {per} {step[0]:7.3f} s (median {step[1]:7.3f})'
-        f' | XLA peak {peak / GiB:6.2f} GiB | {flops / 1e9:8.1f} GFLOP/{per} = '
+  print(f'{name:<10s} compile {compile_s:6.1f} s{split} | {per} {step[0]:7.3f} s '
+        f'(median {step[1]:7.3f}) | XLA peak {peak / GiB:6.2f} GiB | {flops / 1e9:8.1f} GFLOP/{per} = '
         f'{flops / 1e9 / step[0]:6.1f} GFLOP/s | max RSS so far '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:5.2f} GiB', flush=True)
 
