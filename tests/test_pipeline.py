@@ -239,3 +239,26 @@ def test_resuming_at_step_s_feeds_the_same_batches(mask_image_builder):
   # Every epoch visits each image once, in a different order.
   ids = [int(ex['image_id']) for ex in full]
   assert sorted(ids[:6]) == sorted(ids[6:12]) == list(range(1, 7)) and ids[:6] != ids[6:12]
+
+
+def test_processes_preparing_the_same_dataset_at_once_all_succeed(tmp_path, coco_mini_seg_dir):
+  """Sweep cells start together on a fresh machine: without the preparation lock each process
+  generated the data and all but the first failed to rename theirs into place."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (
+      'import ml_collections, sys\n'
+      'from deepmarc_jax.data import pipeline\n'
+      'config = ml_collections.ConfigDict(dict(tfds_name="coco_instances/coco_mini_seg",\n'
+      '    data_dir=sys.argv[1], manual_dir=sys.argv[2], on_bad_input="error"))\n'
+      'builder = pipeline.get_builder(config)\n'
+      'print(builder.info.splits["validation"].num_examples)\n')
+  processes = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path), str(coco_mini_seg_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-2000:]
+  counts = {out.split()[-1] for out, _ in outputs}
+  expected = CocoInstances(config='coco_mini_seg', data_dir=str(tmp_path)).info.splits['validation']
+  assert counts == {str(expected.num_examples)} and expected.num_examples > 0

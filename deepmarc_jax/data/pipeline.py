@@ -27,7 +27,9 @@ reproducible for a given seed, process count and batch size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from collections.abc import Sequence
 
@@ -232,12 +234,33 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
   if data_config.get('data_dir'):
     kwargs['data_dir'] = os.path.expanduser(data_config.data_dir)
   builder = tfds.builder(data_config.tfds_name, **kwargs)
-  if not builder.is_prepared():
-    manual_dir = data_config.get('manual_dir')
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-        try_download_gcs=False))
+  if builder.is_prepared():
+    return builder
+  # Processes that start together (sweep cells, one per core) would each generate the data and
+  # all but the first fail to move theirs into place; one prepares, the others wait and read it.
+  with _preparation_lock(os.fspath(builder.data_dir)):
+    builder = tfds.builder(data_config.tfds_name, **kwargs)
+    if not builder.is_prepared():
+      manual_dir = data_config.get('manual_dir')
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+          try_download_gcs=False))
   return builder
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_path: str):
+  """Holds an exclusive lock on `<data_path>.lock` (local folders; a no-op for remote ones)."""
+  if '://' in data_path:
+    yield
+    return
+  os.makedirs(os.path.dirname(data_path), exist_ok=True)
+  with open(f'{data_path}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def make_spec(data_config, builder: tfds.core.DatasetBuilder, *, train: bool) -> PreprocessSpec:
