@@ -1,6 +1,6 @@
 r"""Train-step and `detect` cost on the default device: compile time, step time, memory, FLOP/s.
 
-  .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,demo,demo_resnet,detect]
+  .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect]
       [--repeats=3] [--breakdown] [--dtype=float32]
 
 Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `train_step`):
@@ -9,6 +9,9 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
             1000 proposals: the paper's Mask R-CNN recipe at 512.
   plain     the same Mask R-CNN with the default 4-conv mask head on proposal crops (crop 14 ->
             28x28, up to 128 foreground ROIs per image, Model Garden's mask sampler).
+  plain_2fc plain with the box head of He et al.'s Mask R-CNN (two 1024-wide fc layers, no
+            convs), as torchvision's `maskrcnn_resnet50_fpn` and Model Garden's default Mask
+            R-CNN have it; the cases above keep Deep-MARC's 4 convs + 1 fc.
   demo      `experiments/deepmarc_spinenet.py:demo` (quarter-width SpineNet-49, levels 2-6,
             128 px, batch 8): the CPU demo's step.
   demo_resnet  the same with the earlier demo's narrow R50-FPN (64 filters) as backbone.
@@ -56,7 +59,8 @@ GiB = 2.0 ** 30
 
 
 def maskrcnn_512(head: str):
-  """R50-FPN Mask R-CNN at 512x512, batch 2; `head` 'deepmarc' (HG-52, GT) or 'plain'."""
+  """R50-FPN Mask R-CNN at 512x512, batch 2; `head` 'deepmarc' (HG-52, GT), 'plain' or
+  'plain_2fc' (the default mask head on proposal crops; the latter with a 2-fc box head)."""
   config = config_lib.base_config()
   config.data.image_size = 512
   config.data.max_instances = 5
@@ -67,6 +71,8 @@ def maskrcnn_512(head: str):
   else:
     mask_head.update(type='default', train_crops='proposals', crop_size=14,
                      max_train_instances=128)
+  if head == 'plain_2fc':
+    config.model.box_head.update(num_convs=0, num_fcs=2, fc_dims=1024)
   return config
 
 
@@ -240,7 +246,7 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
     print(f'  {name:<28s} {best:7.3f} s (median {median:7.3f}) fwd+bwd', flush=True)
 
 
-CASES = ('deepmarc', 'plain', 'demo', 'demo_resnet', 'detect')
+CASES = ('deepmarc', 'plain', 'plain_2fc', 'demo', 'demo_resnet', 'detect')
 
 
 def main():
@@ -263,7 +269,7 @@ def main():
     return config
 
   for case in cases:
-    if case in ('deepmarc', 'plain'):
+    if case in ('deepmarc', 'plain', 'plain_2fc'):
       config = configured(maskrcnn_512(case))
       bench_train_step(case, config, num_instances=5, repeats=args.repeats)
       if args.breakdown:
