@@ -73,8 +73,13 @@ def _fail(message: str) -> None:
 
 def _write_report(sweep: sweep_lib.Sweep) -> dict:
   """Writes the report of the whole declared grid; returns write_report's dict."""
+  # Relative to the repository when inside it: reports under results/ are committed.
+  config = sweep.config_flag
+  relative = os.path.relpath(config, sweep_lib.repo_root())
+  if not relative.startswith('..'):
+    config = relative
   return sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
-                                   config=sweep.config_flag, contrasts=sweep.contrasts)
+                                   config=config, contrasts=sweep.contrasts)
 
 
 def main(argv):
