@@ -93,6 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
           # running averages make up a shortfall (layers.BatchNorm). 0 = plain BatchNorm. For
           # CPU-size batches whose few instances reach 1x1 inside a deep hourglass.
           bn_min_count=0.0,
+          # Moving-average momentum of the hourglass heads' BatchNorms (Keras: moving =
+          # m * moving + (1 - m) * batch). 0.1 is the reference's value: PyTorch's convention
+          # (CornerNet) carried into Keras, where it makes the moving averages almost exactly the
+          # last batch's statistics. Harmless at TPU batch sizes; with a few instances per CPU
+          # batch, evaluation then swings with the last training batch. 0.9 is what PyTorch's
+          # 0.1 means.
+          hourglass_bn_momentum=0.1,
       ),
       compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32
   )
@@ -174,6 +181,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if model.mask_head.bn_min_count < 0:
     errors.append(f'config.model.mask_head.bn_min_count={model.mask_head.bn_min_count} must be '
                   '>= 0 (values per channel; 0 = plain BatchNorm)')
+  if not 0 <= model.mask_head.hourglass_bn_momentum < 1:
+    errors.append(f'config.model.mask_head.hourglass_bn_momentum='
+                  f'{model.mask_head.hourglass_bn_momentum} must be in [0, 1) (Keras semantics: '
+                  'the weight of the moving average)')
   head = catalogue.MASK_HEADS.get(model.mask_head.type)
   if isinstance(head, catalogue.HourglassSpec) and head.downsample:
     multiple = 2 ** (len(head.blocks_per_stage) - 1)

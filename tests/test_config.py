@@ -104,6 +104,17 @@ def test_validate_rejects_a_negative_bn_min_count():
   config_lib.validate(config)
 
 
+@pytest.mark.parametrize('momentum', [1.0, -0.1])
+def test_validate_rejects_an_hourglass_bn_momentum_outside_0_1(momentum):
+  config = deepmarc_spinenet.get_config('demo')
+  config.model.mask_head.hourglass_bn_momentum = momentum
+  with pytest.raises(config_lib.ConfigError,
+                     match=re.escape(f'hourglass_bn_momentum={momentum} must be in [0, 1)')):
+    config_lib.validate(config)
+  config.model.mask_head.hourglass_bn_momentum = 0.9
+  config_lib.validate(config)
+
+
 def _run(tmp_path, *overrides):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
   return subprocess.run(

@@ -228,6 +228,38 @@ def test_bn_min_count_reaches_every_batchnorm_of_the_head(name):
   assert [rest for _, *rest in floored] == [rest for _, *rest in plain]
 
 
+@pytest.mark.parametrize('name', ['default', 'resnet4', 'hourglass10'])
+def test_hourglass_bn_momentum_sets_the_hourglass_batchnorms_only(name):
+  """It replaces the reference's 0.1 in every BatchNorm of an hourglass convnet; the head's own
+  deconv BatchNorm and the other heads keep their momentum."""
+  changed = _batchnorm_settings(MaskHead(name, num_filters=8, hourglass_bn_momentum=0.9))
+  plain = _batchnorm_settings(MaskHead(name, num_filters=8))
+  assert len(changed) == len(plain) > 1
+  if name != 'hourglass10':
+    assert changed == plain
+    return
+  # Every convnet BatchNorm, then the deconv's (the head's norm, momentum 0.99).
+  assert [m for _, m, _ in plain] == [0.1] * (len(plain) - 1) + [0.99]
+  assert [m for _, m, _ in changed] == [0.9] * (len(plain) - 1) + [0.99]
+  assert [(c, e) for c, _, e in changed] == [(c, e) for c, _, e in plain]
+
+
+def test_hourglass_bn_momentum_weights_the_moving_average():
+  """Keras semantics, worked by hand: one step from a zero mean leaves (1 - momentum) of the
+  batch mean."""
+  features = jax.random.normal(KEY, (2, 8, 8, 4)) + 1.0
+  head = MaskHead('hourglass10', num_filters=8, hourglass_bn_momentum=0.9)
+  variables = _init(head, features, None)
+  _, state = head.apply(variables, features, None, train=True, mutable=['batch_stats'])
+  conv = variables['params']['convnet']['conv_input_conv_block']['Conv_0']['kernel']
+  batch_mean = jax.lax.conv_general_dilated(
+      features, conv, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')).mean((0, 1, 2))
+  np.testing.assert_allclose(
+      state['batch_stats']['convnet']['conv_input_conv_block']['BatchNorm_0']['mean'],
+      0.1 * batch_mean, rtol=1e-4, atol=1e-6)
+
+
 def test_eval_mode_leaves_batch_stats_alone():
   head = MaskHead('resnet4', num_filters=8)
   features = jax.random.normal(KEY, (2, 8, 8, 4))

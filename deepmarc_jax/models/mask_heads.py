@@ -111,7 +111,9 @@ class MaskHead(nn.Module):
     num_classes: logit channels when class-specific (ROI classes index them directly).
     norm: the head's own BatchNorms; its axis_name and min_count (a floor on the values per
       channel the statistics rest on, layers.BatchNorm) also apply to the convnet's BatchNorms,
-      which keep their reference momentum/epsilon.
+      which keep their reference momentum/epsilon (except as below).
+    hourglass_bn_momentum: the hourglass convnet's BatchNorm momentum (the reference's 0.1
+      unless changed; config_lib explains why a small-batch run changes it).
     dtype: computation dtype (params stay float32; logits are returned as float32).
   """
   type: str
@@ -120,6 +122,7 @@ class MaskHead(nn.Module):
   class_agnostic: bool = True
   num_classes: int = 91
   norm: NormConfig = NormConfig()
+  hourglass_bn_momentum: float = HOURGLASS_NORM.momentum
   dtype: Dtype = jnp.float32
 
   def _convnet(self) -> nn.Module:
@@ -133,8 +136,8 @@ class MaskHead(nn.Module):
                                  min_count=self.norm.min_count)
       return ResNetMaskNet(spec, self.num_filters, norm, self.dtype, name='convnet')
     assert isinstance(spec, HourglassSpec), spec
-    norm = dataclasses.replace(HOURGLASS_NORM, axis_name=self.norm.axis_name,
-                               min_count=self.norm.min_count)
+    norm = dataclasses.replace(HOURGLASS_NORM, momentum=self.hourglass_bn_momentum,
+                               axis_name=self.norm.axis_name, min_count=self.norm.min_count)
     return Hourglass(spec, self.num_filters, norm, self.dtype, name='convnet')
 
   @nn.compact

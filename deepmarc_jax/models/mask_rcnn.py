@@ -80,6 +80,7 @@ class Settings:
   dtype: Any
   gt_box_jitter: float = 0.0  # 'gt' crops: random side moves, as a ratio of the box's size
   mask_bn_min_count: float = 0.0  # mask-head BatchNorm: fewest values per channel (layers.py)
+  hourglass_bn_momentum: float = 0.1  # the reference's (config_lib: why a CPU run changes it)
   keep_degenerate_proposals: bool = False  # Model Garden's ROI generator keeps them
   test_pre_nms_top_k: int | None = None  # RPN pre-NMS top-k at inference (None: rpn[2])
 
@@ -109,6 +110,7 @@ class MaskRCNN(nn.Module):
         max_train_instances=m.mask_head.max_train_instances,
         gt_box_jitter=m.mask_head.get('gt_box_jitter', 0.0),
         mask_bn_min_count=m.mask_head.get('bn_min_count', 0.0),
+        hourglass_bn_momentum=m.mask_head.get('hourglass_bn_momentum', 0.1),
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
         dtype=_DTYPES[m.compute_dtype],
         keep_degenerate_proposals=m.rpn.get('keep_degenerate', False),
@@ -144,7 +146,8 @@ class MaskRCNN(nn.Module):
         num_fcs=num_fcs, fc_dims=fc_dims, norm=s.norm, dtype=s.dtype)
     self.mask_head = mask_heads.MaskHead(
         type=s.mask_head_type, num_filters=s.mask_filters,
-        norm=dataclasses.replace(s.norm, min_count=s.mask_bn_min_count), dtype=s.dtype)
+        norm=dataclasses.replace(s.norm, min_count=s.mask_bn_min_count),
+        hourglass_bn_momentum=s.hourglass_bn_momentum, dtype=s.dtype)
 
   # -- shared pieces ----------------------------------------------------------------------------
 
