@@ -94,9 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
           # CPU-size batches whose few instances reach 1x1 inside a deep hourglass.
           bn_min_count=0.0,
           # Moving-average momentum of the hourglass heads' BatchNorms (Keras: moving =
-          # m * moving + (1 - m) * batch). 0.1 is the reference's value: PyTorch's convention
-          # (CornerNet) carried into Keras, where it makes the moving averages almost exactly the
-          # last batch's statistics. Harmless at TPU batch sizes; with a few instances per CPU
+          # m * moving + (1 - m) * batch). 0.1 is the reference's value, most likely PyTorch's
+          # default carried over (CornerNet's hourglass is a PyTorch model); in Keras it makes the
+          # moving averages almost exactly the last batch's statistics. Harmless at TPU batch sizes; with a few instances per CPU
           # batch, evaluation then swings with the last training batch. 0.9 is what PyTorch's
           # 0.1 means.
           hourglass_bn_momentum=0.1,
