@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from deepmarc_jax import checkpoint, evaluate, sharding, train  # noqa: E402
-from deepmarc_jax.data import groundtruth, pipeline  # noqa: E402
+from deepmarc_jax import checkpoint, sharding, train  # noqa: E402
+from deepmarc_jax.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
                                'checkpoints/', required=True)
@@ -48,15 +48,11 @@ _MOMENTUM = flags.DEFINE_float('hourglass_bn_momentum', 0.9,
 def gt_box_mask_ap(exp: train.Experiment, state: train.TrainState, segment,
                    batches: list[dict]) -> dict:
   """segm stats (with 'seen' / 'unseen') of masks predicted from the eval batches' GT boxes."""
-  evaluator = evaluate.CocoEvaluator(
-      groundtruth.coco_groundtruth(exp.builder, exp.config.data.eval_split),
-      seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
-      mask_threshold=exp.config.eval.mask_threshold, backend=exp.config.eval.backend)
+  evaluator = train.new_coco_evaluator(exp)
   for batch in batches:
     inputs = sharding.global_batch({k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')},
                                    exp.mesh)
-    masks = segment(state, inputs['image'], inputs['gt_boxes'], inputs['gt_classes'])
-    evaluate.add_gt_box_predictions(evaluator, batch, jax.device_get(masks))
+    train.add_gt_box_masks(evaluator, segment, state, batch, inputs)
   return evaluator.evaluate()['segm']
 
 

@@ -159,6 +159,29 @@ def _maybe_segment_boxes(exp: Experiment):
   return make_segment_boxes(exp) if exp.config.eval.get('gt_box_masks', False) else None
 
 
+def new_coco_evaluator(exp: Experiment, groundtruth_dataset=None) -> evaluate.CocoEvaluator:
+  """An empty evaluator of the eval split, scoring seen and unseen classes apart.
+  `groundtruth_dataset` (from `groundtruth.coco_groundtruth`) saves re-reading it."""
+  config = exp.config
+  if groundtruth_dataset is None:
+    groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
+  return evaluate.CocoEvaluator(
+      groundtruth_dataset, seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
+      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+
+
+def add_gt_box_masks(evaluator: evaluate.CocoEvaluator, segment, state: TrainState,
+                     batch: dict, inputs: dict, mine: slice = slice(None)) -> None:
+  """Adds the masks `segment` predicts from an eval batch's GT boxes and classes to `evaluator`.
+
+  batch: the host's numpy eval batch; inputs: its 'image', 'gt_boxes', 'gt_classes' as global
+  arrays (sharding.global_batch); mine: this process's rows of the (replicated) outputs.
+  """
+  masks = jax.device_get(segment(state, inputs['image'], inputs['gt_boxes'],
+                                 inputs['gt_classes']))[mine]
+  evaluate.add_gt_box_predictions(evaluator, batch, masks)
+
+
 def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None) -> dict:
   """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split
   (its first `config.eval.max_batches` batches when that is set).
@@ -174,14 +197,8 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None
   if with_gt_boxes:
     segment = segment or make_segment_boxes(exp)
   groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
-
-  def new_evaluator():
-    return evaluate.CocoEvaluator(
-        groundtruth_dataset, seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
-        mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
-
-  evaluator = new_evaluator()
-  gt_box_evaluator = new_evaluator() if with_gt_boxes else None
+  evaluator = new_coco_evaluator(exp, groundtruth_dataset)
+  gt_box_evaluator = new_coco_evaluator(exp, groundtruth_dataset) if with_gt_boxes else None
   ds = pipeline.eval_dataset(config.data, exp.builder,
                              batch_size=config.eval.batch_size // jax.process_count(),
                              process_index=jax.process_index(),
@@ -199,9 +216,7 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None
     evaluator.add_predictions(batch['image_id'], dets['boxes'] / scale, dets['scores'],
                               dets['classes'], dets['masks'], batch['example_valid'])
     if with_gt_boxes:
-      masks = jax.device_get(segment(state, inputs['image'], inputs['gt_boxes'],
-                                     inputs['gt_classes']))[mine]
-      evaluate.add_gt_box_predictions(gt_box_evaluator, batch, masks)
+      add_gt_box_masks(gt_box_evaluator, segment, state, batch, inputs, mine)
   results = evaluator.evaluate()
   if with_gt_boxes:
     results['segm_gt_boxes'] = gt_box_evaluator.evaluate()['segm']

@@ -360,7 +360,20 @@ def test_cells_share_compiled_programs_through_the_cache(tmp_path):
 PINNING = hasattr(os, 'sched_setaffinity')
 
 
-def test_parallel_runs_at_most_n_cells_at_once_on_disjoint_cpus(config_path, tmp_path):
+@pytest.fixture
+def two_at_a_time(monkeypatch):
+  """Lets two cells run at once whatever CPUs this process may use: with fewer than two (e.g.
+  under `taskset -c 1`) the runner sees no pinning, as on macOS, and runs them unpinned.
+  Returns whether cells are pinned."""
+  cpus = sweep_runner.allowed_cpus()
+  if cpus is not None and len(cpus) < 2:
+    monkeypatch.setattr(sweep_runner, 'allowed_cpus', lambda: None)
+    return False
+  return cpus is not None
+
+
+def test_parallel_runs_at_most_n_cells_at_once_on_disjoint_cpus(config_path, tmp_path,
+                                                               two_at_a_time):
   sweep = _load(config_path, tmp_path, only=['seed=0'])  # 4 cells, the resnet4 ones fail
   # The first cell runs longest and cell 3 ends before cell 2: failures end out of grid order.
   sleeps = dict(zip([c.name for c in sweep.cells], [0.3, 0.1, 0.4, 0.1]))
@@ -400,8 +413,9 @@ def test_parallel_runs_at_most_n_cells_at_once_on_disjoint_cpus(config_path, tmp
   assert first['cpus'] == (None if spans[sweep.cells[0].name][2] is None
                            else list(spans[sweep.cells[0].name][2]))
 
-  if not PINNING:
-    pytest.skip('os.sched_setaffinity does not exist here: cells run unpinned')
+  if not two_at_a_time:
+    pytest.skip('fewer than two CPUs to pin cells to (or no os.sched_setaffinity): cells ran '
+                'unpinned')
   allowed = set(os.sched_getaffinity(0))
   assert all(cpus and set(cpus) <= allowed for _, _, cpus in spans.values())
   for a, (start_a, end_a, cpus_a) in spans.items():
@@ -492,7 +506,8 @@ def _run_child(child):
   return run_fn
 
 
-def test_parallel_interrupt_terminates_and_records_running_cells(config_path, tmp_path):
+def test_parallel_interrupt_terminates_and_records_running_cells(config_path, tmp_path,
+                                                                 two_at_a_time):
   sweep = _load(config_path, tmp_path, only=['seed=0'])
   child = tmp_path / 'child.py'
   child.write_text(SIGTERM_CHILD)
@@ -514,7 +529,8 @@ def test_parallel_interrupt_terminates_and_records_running_cells(config_path, tm
 
 
 @pytest.mark.parametrize('parallel', [1, 2])
-def test_sigterm_passes_sigterm_to_the_running_cells(config_path, tmp_path, parallel):
+def test_sigterm_passes_sigterm_to_the_running_cells(config_path, tmp_path, parallel,
+                                                     two_at_a_time):
   sweep = _load(config_path, tmp_path, only=['seed=0'])
   child = tmp_path / 'child.py'
   child.write_text(SIGTERM_CHILD)
