@@ -6,6 +6,7 @@ Runs in the oracle venv (`setup.sh` builds it; it holds tf-models-official 2.20.
 
   .venv-oracle/bin/python benchmarks/official_step_speed.py [--cases=deepmarc,plain,plain_2fc,detect]
       [--repeats=3] [--threads=0]
+  .venv-oracle/bin/python benchmarks/official_step_speed.py --cases=convs
 
 Cases, with the settings of train_step_speed.py's cases of the same name (float32, synthetic
 inputs, random initialisation):
@@ -17,6 +18,8 @@ inputs, random initialisation):
              28x28) on up to 128 foreground proposals per image.
   plain_2fc  plain with He et al.'s box head (no convs, two 1024-wide fc layers).
   detect     the deepmarc model's inference call (100 detections, masks) at 512, batch 1, s/image.
+  convs      TF's conv forward + backward (gradients of input and kernel of sum(conv(x, w)^2)) on
+             the shapes of benchmarks/conv_grad_speed.py, whose "XLA" column is ours.
 
 A train step is the task's own `train_step` (forward, the task's losses with the L2 term, backward,
 SGD with momentum 0.9) inside one `tf.function`, as Model Garden's trainer runs it; the labels
@@ -31,6 +34,7 @@ Printed per case: the first call (trace + graph optimisation + one run), then mi
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import resource
 import statistics
@@ -39,12 +43,12 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
-CASES = ('deepmarc', 'plain', 'plain_2fc', 'detect')
+CASES = ('deepmarc', 'plain', 'plain_2fc', 'detect', 'convs')
 
 
 def _parse_args():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument('--cases', default=','.join(CASES[:4]))
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--threads', type=int, default=0,
                       help="TF intra- and inter-op threads; 0 leaves TF's default (all cores)")
@@ -198,6 +202,36 @@ def bench_detect() -> None:
   report('detect', first, times, unit='image')
 
 
+def conv_shapes() -> list:
+  """conv_grad_speed.CASES, read from its source (this venv has no JAX to import it with)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conv_grad_speed.py')
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ['CASES']:
+      return ast.literal_eval(node.value)
+  raise ValueError(f'no CASES in {path}')
+
+
+def bench_convs() -> None:
+  rng = np.random.default_rng(0)
+  for x_shape, w_shape in conv_shapes():
+    x = tf.constant(rng.standard_normal(x_shape), tf.float32)
+    w = tf.constant(rng.standard_normal(w_shape) * 0.02, tf.float32)
+
+    @tf.function
+    def grads(x=x, w=w):
+      with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        loss = tf.reduce_sum(tf.nn.conv2d(x, w, 1, 'SAME') ** 2)
+      return tape.gradient(loss, [x, w])
+
+    _, times = timed(grads, ARGS.repeats)
+    flops = 6 * np.prod(x_shape[:3]) * np.prod(w_shape)
+    print(f'{str(x_shape):<20s} {str(w_shape):<20s} TF {min(times):7.3f} s '
+          f'({flops / min(times) / 1e9:5.1f} GFLOP/s)', flush=True)
+
+
 def main():
   print(f'tensorflow {tf.__version__}, threads {ARGS.threads or "default"}, '
         f'{ARGS.image_size}x{ARGS.image_size}, batch {ARGS.batch_size}, '
@@ -205,6 +239,8 @@ def main():
   for case in SELECTED:
     if case == 'detect':
       bench_detect()
+    elif case == 'convs':
+      bench_convs()
     else:
       bench_train_step(case)
 
