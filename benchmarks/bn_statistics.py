@@ -45,17 +45,6 @@ _MOMENTUM = flags.DEFINE_float('hourglass_bn_momentum', 0.9,
                                'the hourglass BatchNorms\' momentum while re-estimating')
 
 
-def gt_box_mask_ap(exp: train.Experiment, state: train.TrainState, segment,
-                   batches: list[dict]) -> dict:
-  """segm stats (with 'seen' / 'unseen') of masks predicted from the eval batches' GT boxes."""
-  evaluator = train.new_coco_evaluator(exp)
-  for batch in batches:
-    inputs = sharding.global_batch({k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')},
-                                   exp.mesh)
-    train.add_gt_box_masks(evaluator, segment, state, batch, inputs)
-  return evaluator.evaluate()['segm']
-
-
 def main(argv):
   del argv
   workdir = os.path.abspath(_WORKDIR.value)  # orbax wants absolute paths
@@ -87,7 +76,7 @@ def main(argv):
   print(f'{workdir}: mask AP from GT boxes (%)')
   for step in sorted(steps):
     state = ckpt.restore(abstract, step)
-    line(step, 'as saved', gt_box_mask_ap(exp, state, segment, eval_batches))
+    line(step, 'as saved', train.gt_box_mask_ap(exp, state, segment, eval_batches))
     batches = iter(tfds.as_numpy(pipeline.train_dataset(
         config.data, exp.builder, batch_size=config.train.batch_size, seed=config.seed,
         start_step=step)))
@@ -95,7 +84,7 @@ def main(argv):
       batch = sharding.global_batch(next(batches), exp.mesh)
       state = refresh(state, batch, jax.random.fold_in(jax.random.key(config.seed), i))
     line(step, f'statistics re-estimated over {_BATCHES.value} batches',
-         gt_box_mask_ap(exp, state, segment, eval_batches))
+         train.gt_box_mask_ap(exp, state, segment, eval_batches))
   ckpt.close()
 
 

@@ -182,6 +182,20 @@ def add_gt_box_masks(evaluator: evaluate.CocoEvaluator, segment, state: TrainSta
   evaluate.add_gt_box_predictions(evaluator, batch, masks)
 
 
+def gt_box_mask_ap(exp: Experiment, state: TrainState, segment, batches,
+                   split: str | None = None) -> dict:
+  """segm stats ('AP', 'seen', 'unseen', ...) of the masks `segment` (make_segment_boxes)
+  predicts from the GT boxes of `batches`: numpy batches of pipeline.eval_dataset over `split`
+  (default the eval split). Only their images are scored, so a prefix of a split will do."""
+  split = split or exp.config.data.eval_split
+  evaluator = new_coco_evaluator(exp, groundtruth.coco_groundtruth(exp.builder, split))
+  for batch in batches:
+    inputs = sharding.global_batch(
+        {k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')}, exp.mesh)
+    add_gt_box_masks(evaluator, segment, state, batch, inputs)
+  return evaluator.evaluate()['segm']
+
+
 def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None) -> dict:
   """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split
   (its first `config.eval.max_batches` batches when that is set).

@@ -111,21 +111,12 @@ def jax_leaves(tree):
   return jax.tree_util.tree_leaves(tree)
 
 
-def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir):
-  """evaluate_model's no-detector view ('segm_gt_boxes'), with a mask head that returns each
-  image's own ground-truth masks: it must score what prepare.oracle_eval scores for the same
-  masks (~100 AP, seen and unseen alike), while the empty detector scores 0."""
+def _perfect_segment(config, dataset):
+  """A `segment` that returns each image's own ground-truth masks (zeros for other images), for
+  the images of `dataset` (pipeline.eval_dataset)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from tests import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.config()
-  config.data.data_dir = shapes_data_dir
-  config.eval.update(gt_box_masks=True, max_batches=None, batch_size=8)
-  exp = train.setup(config)
   masks_of_image = {}
-  for batch in tfds.as_numpy(pipeline.eval_dataset(config.data, exp.builder, batch_size=8)):
+  for batch in tfds.as_numpy(dataset):
     for image, masks, valid in zip(batch['image'], batch['gt_masks'], batch['example_valid']):
       if valid:
         masks_of_image[image.tobytes()] = masks
@@ -136,6 +127,55 @@ def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir
     images = np.asarray(images)
     assert np.asarray(boxes).shape[:2] == (len(images), config.data.max_instances)
     return np.stack([masks_of_image.get(image.tobytes(), fallback) for image in images])
+  return perfect_segment
+
+
+def test_gt_box_mask_ap_scores_the_given_batches_of_any_split(shapes_data_dir):
+  """gt_box_mask_ap on the first batch of the training split: the perfect mask head scores
+  ~100 AP on seen and unseen classes (only that batch's images are scored: the split's other
+  images have no masks and would lower recall), an empty one 0."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.config()
+  config.data.data_dir = shapes_data_dir
+  exp = train.setup(config)
+  split = config.data.train_split
+  assert exp.builder.info.splits[split].num_examples > 8
+  dataset = pipeline.eval_dataset(config.data, exp.builder, batch_size=8, split=split).take(1)
+  batches = list(tfds.as_numpy(dataset))
+  perfect = train.gt_box_mask_ap(exp, None, _perfect_segment(config, dataset),
+                                 batches, split=split)
+  assert perfect['AP'] > 0.95
+  for half in ('seen', 'unseen'):
+    assert perfect[half]['AP'] > 0.95
+
+  def empty_segment(state, images, boxes, classes):
+    del state, classes
+    m = config.data.mask_size
+    return np.zeros(np.asarray(boxes).shape[:2] + (m, m), np.float32)
+
+  empty = train.gt_box_mask_ap(exp, None, empty_segment, itertools.islice(batches, 1),
+                               split=split)
+  assert empty['AP'] == 0.0
+
+
+def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir):
+  """evaluate_model's no-detector view ('segm_gt_boxes'), with a mask head that returns each
+  image's own ground-truth masks: it must score what prepare.oracle_eval scores for the same
+  masks (~100 AP, seen and unseen alike), while the empty detector scores 0."""
+  from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.config()
+  config.data.data_dir = shapes_data_dir
+  config.eval.update(gt_box_masks=True, max_batches=None, batch_size=8)
+  exp = train.setup(config)
+  perfect_segment = _perfect_segment(
+      config, pipeline.eval_dataset(config.data, exp.builder, batch_size=8))
 
   def empty_detect(state, images):
     del state

@@ -1,0 +1,70 @@
+r"""Does a mask head fit its training masks? Mask AP from GT boxes on training images vs eval images.
+
+  .venv/bin/python benchmarks/mask_head_fit.py --workdir=results/mask_heads/CELL [--step=3000]
+      [--images=200]
+
+For a run's checkpoint (default its latest), the mask AP (seen / unseen, %) of masks predicted
+from the ground-truth boxes (as `eval.gt_box_masks`) on the first `--images` images of the
+training split (no augmentation, the eval preprocessing) and of the eval split. Seen classes'
+training masks are what the head was trained on: seen AP on training images well below 100
+means the head underfits them, and a head that underfits seen classes on its own training
+images cannot be expected to match a deeper head's seen AP at evaluation. Unseen AP on training
+images shows generalisation to classes never trained on, on images the detector saw. Needs the
+workdir's config.json and checkpoints (not committed: on the machine that ran the cell).
+Printed, not asserted.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from deepmarc_jax import xla_cpu  # noqa: E402
+
+xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from deepmarc_jax import checkpoint, train  # noqa: E402
+from deepmarc_jax.data import pipeline  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
+                               'checkpoints/', required=True)
+_STEP = flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
+_IMAGES = flags.DEFINE_integer('images', 200, 'images of each split to score')
+
+
+def main(argv):
+  del argv
+  workdir = os.path.abspath(_WORKDIR.value)  # orbax wants absolute paths
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  exp = train.setup(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.train.checkpoint_every_steps)
+  step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
+  if step is None:
+    raise SystemExit(f'no checkpoints in {workdir}/checkpoints')
+  state = ckpt.restore(checkpoint.abstract(train.init_state(exp, jax.random.key(config.seed))),
+                       step)
+  ckpt.close()
+  segment = train.make_segment_boxes(exp)
+  batch_size = config.eval.batch_size
+  print(f'{workdir}, step {step}: mask AP from GT boxes (%), first {_IMAGES.value} images')
+  for split in (config.data.train_split, config.data.eval_split):
+    ds = pipeline.eval_dataset(config.data, exp.builder, batch_size=batch_size, split=split)
+    batches = itertools.islice(tfds.as_numpy(ds), -(-_IMAGES.value // batch_size))
+    stats = train.gt_box_mask_ap(exp, state, segment, batches, split=split)
+    print(f'{split:<12} seen {100 * stats["seen"]["AP"]:5.1f}  unseen '
+          f'{100 * stats["unseen"]["AP"]:5.1f}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
