@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from deepmarc_jax import checkpoint
 from deepmarc_jax import convert
@@ -300,6 +301,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       process_count=jax.process_count())))
   train_step = make_train_step(exp)
   detect, segment = make_detect(exp), _maybe_segment_boxes(exp)
+  if _evaluation_missed(config, workdir, start_step):
+    logging.info('evaluating step %d first: the run stopped before evaluating it', start_step)
+    _write_results(writer, workdir, start_step, evaluate_model(exp, state, detect, segment))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   preempted = checkpoint.PreemptionFlag()
   step_rng = jax.random.fold_in(rng, 1)
@@ -346,6 +350,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if is_main:
     write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
   return results
+
+
+def _evaluation_missed(config, workdir: str, start_step: int) -> bool:
+  """Whether the run resumed at an evaluation step it never evaluated: SIGTERM there stops the
+  loop after the step's checkpoint and before its evaluation, so that the preempted run exits
+  quickly. (A resumed run at train.total_steps evaluates anyway.)"""
+  missed = (0 < start_step < config.train.total_steps
+            and start_step % config.eval.every_steps == 0
+            and not os.path.exists(os.path.join(workdir, f'eval_{start_step}.json')))
+  if jax.process_count() > 1:  # process 0 writes the evaluations; all processes must agree
+    missed = bool(multihost_utils.broadcast_one_to_all(np.asarray(missed)))
+  return missed
 
 
 def _summarise(history: list[dict]) -> dict[str, float]:

@@ -90,6 +90,40 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
 
 
 @pytest.mark.slow
+def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(tmp_path, shapes_data_dir,
+                                                                      monkeypatch):
+  """SIGTERM at step 2 of 4 (eval every 2): the run checkpoints step 2 and stops before
+  evaluating it; the resumed run evaluates step 2 before training on (eval_2.json was missing
+  from a grid cell resumed this way)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  # The trainer's SIGTERM handler (what makes the kill below safe) needs the main thread.
+  assert threading.current_thread() is threading.main_thread()
+  config = tiny.config()
+  config.data.data_dir = shapes_data_dir
+  config.train.update(total_steps=4, checkpoint_every_steps=2)
+  config.eval.every_steps = 2
+
+  class SigtermAtStep2(periodic_actions.ReportProgress):
+    def __call__(self, step, t=None):
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return super().__call__(step, t)
+
+  monkeypatch.setattr(periodic_actions, 'ReportProgress', SigtermAtStep2)
+  assert train.train_and_evaluate(config, str(tmp_path)) == {}  # stopped by SIGTERM
+  assert (tmp_path / 'checkpoints' / '2').exists()
+  assert not (tmp_path / 'eval_2.json').exists()
+  monkeypatch.undo()
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / 'eval_2.json').exists() and (tmp_path / 'eval_4.json').exists()
+  assert json.loads((tmp_path / 'eval_4.json').read_text())['segm']['AP'] == results['segm']['AP']
+  assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     tmp_path, shapes_data_dir):
   run = _run(tmp_path, shapes_data_dir, '--config.train.optimizer.learning_rate=1e30',
