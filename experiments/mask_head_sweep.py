@@ -24,13 +24,18 @@ Variants (after ':'):
           quarter of the box's size), heads {default, hourglass20} x seeds {0, 1}, otherwise the
           full grid's cells. Does the crops' variety, rather than their tightness, decide
           unseen-class AP?
+  width   a diagnostic for finding (2): the full grid's default head with GT crops at 16 and 64
+          filters (`mask_head.num_filters`) x seeds {0, 1}. At 16 filters the shallow heads
+          underfit even the seen classes of their training images (benchmarks/mask_head_fit.py),
+          so depth raised seen AP as much as unseen; does a default head wide enough to fit the
+          seen classes close the unseen gap to hourglass20 too?
 """
 import importlib.util
 import os
 
 from deepmarc_jax import config_lib
 
-VARIANTS = ('quick', 'jitter')
+VARIANTS = ('quick', 'jitter', 'width')
 HEADS = ('default', 'resnet4', 'resnet12', 'hourglass20', 'hourglass52')
 
 
@@ -79,6 +84,8 @@ def get_config(arg: str | None = None):
     config.eval.every_steps = 500
   if 'jitter' in variants:
     config.model.mask_head.update(train_crops='gt', gt_box_jitter=0.5)
+  if 'width' in variants:
+    config.model.mask_head.update(type='default', train_crops='gt')
   return config
 
 
@@ -90,6 +97,8 @@ def get_contrasts(arg: str | None = None):
     return {'model.mask_head.train_crops': 'proposals'}
   if 'jitter' in variants:
     return {'model.mask_head.type': 'default'}
+  if 'width' in variants:
+    return {'model.mask_head.num_filters': 16}
   return {'model.mask_head.train_crops': 'proposals', 'model.mask_head.type': 'default'}
 
 
@@ -99,6 +108,8 @@ def get_sweep(arg: str | None = None):
     return {'model.mask_head.train_crops': ['gt', 'proposals']}
   if 'jitter' in variants:
     return {'model.mask_head.type': ['default', 'hourglass20'], 'seed': [0, 1]}
+  if 'width' in variants:
+    return {'model.mask_head.num_filters': [16, 64], 'seed': [0, 1]}
   return {
       'model.mask_head.type': list(HEADS),
       'model.mask_head.train_crops': ['gt', 'proposals'],

@@ -803,7 +803,7 @@ def test_sweep_modules_do_not_import_jax():
   assert result.stdout.strip() == '[]'
 
 
-@pytest.mark.parametrize('arg', [None, 'quick', 'jitter'])
+@pytest.mark.parametrize('arg', [None, 'quick', 'jitter', 'width'])
 def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   """experiments/mask_head_sweep.py: every cell's resolved config passes validation (e.g. the
   six-stage hourglass52 gets crops it can halve five times) and scores masks from GT boxes."""
@@ -813,7 +813,7 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   flag = path if arg is None else f'{path}:{arg}'
   sweep = sweep_lib.load(flag, str(tmp_path))
   module = sweep_lib.load_module(path)
-  assert len(sweep.all_cells) == {None: 20, 'quick': 2, 'jitter': 4}[arg]
+  assert len(sweep.all_cells) == {None: 20, 'quick': 2, 'jitter': 4, 'width': 4}[arg]
   for cell in sweep.all_cells:
     config = sweep_lib.apply_overrides(module.get_config(arg), cell.overrides)
     config_lib.validate(config)
@@ -828,13 +828,16 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
     floor = config.model.mask_head.bn_min_count
     assert (smallest < floor) == (config.model.mask_head.type == 'hourglass52'), (smallest, floor)
   # The diagnostic differs from the full grid's cells in one setting.
-  if arg == 'jitter':
+  if arg in ('jitter', 'width'):
     full = module.get_config()
-    full.model.mask_head.gt_box_jitter = 0.5
+    if arg == 'jitter':
+      full.model.mask_head.gt_box_jitter = 0.5
+    else:  # the grid's default head with GT crops; its width is the sweep's axis
+      full.model.mask_head.update(type='default', train_crops='gt')
     assert module.get_config(arg).to_dict() == full.to_dict()
 
 
 def test_the_mask_head_sweep_variants_exclude_each_other():
   module = sweep_lib.load_module(str(REPO / 'experiments' / 'mask_head_sweep.py'))
-  with pytest.raises(ValueError, match='at most one of quick, jitter'):
+  with pytest.raises(ValueError, match='at most one of quick, jitter, width'):
     module.get_config('quick,jitter')
