@@ -161,8 +161,8 @@ def _maybe_segment_boxes(exp: Experiment):
 
 
 def new_coco_evaluator(exp: Experiment, groundtruth_dataset=None) -> evaluate.CocoEvaluator:
-  """An empty evaluator of the eval split, scoring seen and unseen classes apart.
-  `groundtruth_dataset` (from `groundtruth.coco_groundtruth`) saves re-reading it."""
+  """An empty evaluator, scoring seen and unseen classes apart, of `groundtruth_dataset` (from
+  `groundtruth.coco_groundtruth`; default: the eval split's, read here)."""
   config = exp.config
   if groundtruth_dataset is None:
     groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
