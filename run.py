@@ -25,8 +25,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where results, checkpoints and 
 _MODE = flags.DEFINE_enum(
     'mode', 'train_and_eval', ['train_and_eval', 'eval', 'prepare'],
     'train_and_eval: train (resuming from the workdir), evaluate, write prediction overlays. '
-    'eval: evaluate the workdir\'s latest checkpoint. prepare: build the dataset, check the '
-    'input pipeline (speed, preview PNG) and score the oracle AP of the batch masks.')
+    'eval: evaluate the workdir\'s latest checkpoint (or --step\'s). prepare: build the dataset, '
+    'check the input pipeline (speed, preview PNG) and score the oracle AP of the batch masks.')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'With --mode=eval: the checkpoint step to evaluate (default: the latest kept).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -87,7 +89,10 @@ def main(argv):
     from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
     try:
       if _MODE.value == 'eval':
-        train.evaluate_checkpoint(config, _WORKDIR.value)
+        try:
+          train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+        except FileNotFoundError as e:  # no checkpoint, or not of that step
+          _fail(str(e))
       else:
         train.train_and_evaluate(config, _WORKDIR.value)
     except train.NonFiniteLossError as e:

@@ -256,15 +256,19 @@ def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, det
   viz.save_grid(drawn, path, zoom=max(1, 256 // exp.config.data.image_size))
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates the workdir's latest checkpoint (`run.py --mode=eval`): eval_<step>.json and
-  predictions.png in the workdir."""
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Evaluates the workdir's checkpoint at `step`, default the latest (`run.py --mode=eval
+  [--step=N]`): eval_<step>.json and predictions.png in the workdir."""
   exp = setup(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  save_every_steps=config.train.checkpoint_every_steps)
-  if ckpt.latest_step() is None:
+  kept = sorted(ckpt.manager.all_steps())
+  if not kept:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
-  state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))))
+  if step is not None and step not in kept:
+    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}/checkpoints; it keeps '
+                            f'steps {kept}')
+  state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))), step)
   ckpt.close()
   detect = make_detect(exp)
   results = evaluate_model(exp, state, detect, _maybe_segment_boxes(exp))

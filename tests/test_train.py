@@ -121,6 +121,13 @@ def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(tmp_path, s
   assert (tmp_path / 'eval_2.json').exists() and (tmp_path / 'eval_4.json').exists()
   assert json.loads((tmp_path / 'eval_4.json').read_text())['segm']['AP'] == results['segm']['AP']
   assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+  # `run.py --mode=eval --step=2` scores that kept checkpoint again, to the same figures.
+  resumed_eval = json.loads((tmp_path / 'eval_2.json').read_text())
+  again = train.evaluate_checkpoint(config, str(tmp_path), step=2)
+  for iou in ('bbox', 'segm'):  # NaN where a 2-step model detects nothing: equal as NaN
+    np.testing.assert_equal(again[iou]['AP'], resumed_eval[iou]['AP'])
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 3 .* keeps steps \[.*2, 4\]'):
+    train.evaluate_checkpoint(config, str(tmp_path), step=3)
 
 
 @pytest.mark.slow
