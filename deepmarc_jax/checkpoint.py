@@ -6,6 +6,7 @@ asynchronous; `close()` waits for them.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -17,8 +18,9 @@ class Checkpointer:
   """An orbax CheckpointManager for one pytree (the train state) in `directory`."""
 
   def __init__(self, directory: str, *, save_every_steps: int, max_to_keep: int = 3):
+    # orbax restores only from absolute paths; run.py --workdir may be relative.
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every_steps, max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> int | None:
