@@ -18,7 +18,6 @@ Needs the workdir's checkpoints (`checkpoints/<step>`; a run keeps its last thre
 """
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -31,10 +30,9 @@ from deepmarc_jax import xla_cpu  # noqa: E402
 xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from deepmarc_jax import checkpoint, sharding, train  # noqa: E402
+from deepmarc_jax import sharding, train  # noqa: E402
 from deepmarc_jax.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
@@ -47,17 +45,13 @@ _MOMENTUM = flags.DEFINE_float('hourglass_bn_momentum', 0.9,
 
 def main(argv):
   del argv
-  workdir = os.path.abspath(_WORKDIR.value)  # orbax wants absolute paths
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  workdir = _WORKDIR.value
+  config = train.read_run_config(workdir)
   config.model.mask_head.hourglass_bn_momentum = _MOMENTUM.value
   exp = train.setup(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.train.checkpoint_every_steps)
-  steps = [int(s) for s in _STEPS.value] if _STEPS.value else list(ckpt.manager.all_steps())
+  steps = [int(s) for s in _STEPS.value] if _STEPS.value else train.kept_checkpoint_steps(workdir)
   if not steps:
     raise SystemExit(f'no checkpoints in {workdir}/checkpoints')
-  abstract = checkpoint.abstract(train.init_state(exp, jax.random.key(config.seed)))
   segment = train.make_segment_boxes(exp)
   eval_batches = list(tfds.as_numpy(pipeline.eval_dataset(
       config.data, exp.builder, batch_size=config.eval.batch_size)))
@@ -75,7 +69,7 @@ def main(argv):
 
   print(f'{workdir}: mask AP from GT boxes (%)')
   for step in sorted(steps):
-    state = ckpt.restore(abstract, step)
+    state = train.restore_checkpoint(exp, workdir, step)
     line(step, 'as saved', train.gt_box_mask_ap(exp, state, segment, eval_batches))
     batches = iter(tfds.as_numpy(pipeline.train_dataset(
         config.data, exp.builder, batch_size=config.train.batch_size, seed=config.seed,
@@ -85,7 +79,6 @@ def main(argv):
       state = refresh(state, batch, jax.random.fold_in(jax.random.key(config.seed), i))
     line(step, f'statistics re-estimated over {_BATCHES.value} batches',
          train.gt_box_mask_ap(exp, state, segment, eval_batches))
-  ckpt.close()
 
 
 if __name__ == '__main__':

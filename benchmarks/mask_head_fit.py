@@ -16,7 +16,6 @@ Printed, not asserted.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 from absl import app
@@ -28,11 +27,9 @@ from deepmarc_jax import xla_cpu  # noqa: E402
 
 xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from deepmarc_jax import checkpoint, train  # noqa: E402
+from deepmarc_jax import train  # noqa: E402
 from deepmarc_jax.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
@@ -43,18 +40,11 @@ _IMAGES = flags.DEFINE_integer('images', 200, 'images of each split to score')
 
 def main(argv):
   del argv
-  workdir = os.path.abspath(_WORKDIR.value)  # orbax wants absolute paths
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  workdir = _WORKDIR.value
+  config = train.read_run_config(workdir)
   exp = train.setup(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.train.checkpoint_every_steps)
-  step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
-  if step is None:
-    raise SystemExit(f'no checkpoints in {workdir}/checkpoints')
-  state = ckpt.restore(checkpoint.abstract(train.init_state(exp, jax.random.key(config.seed))),
-                       step)
-  ckpt.close()
+  state = train.restore_checkpoint(exp, workdir, _STEP.value)
+  step = int(state.step)
   segment = train.make_segment_boxes(exp)
   batch_size = config.eval.batch_size
   print(f'{workdir}, step {step}: mask AP from GT boxes (%), first {_IMAGES.value} images')

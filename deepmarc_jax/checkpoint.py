@@ -26,6 +26,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def kept_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def restore(self, abstract_state, step: int | None = None):
     """Restores into the shapes, dtypes and shardings of `abstract_state`."""
     step = self.latest_step() if step is None else step

@@ -17,6 +17,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
@@ -75,8 +76,8 @@ def setup(config) -> Experiment:
                     class_splits.split_of(seen, category_ids))
 
 
-def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
-  """Initialises the train state directly into its (replicated) shardings."""
+def _init_fn(exp: Experiment):
+  """rng -> a fresh TrainState of exp's model and optimizer."""
   data = exp.config.data
   spec = pipeline.PreprocessSpec(image_size=data.image_size, max_instances=data.max_instances,
                                  mask_size=data.mask_size, allowed_mask_ids=(), train=True)
@@ -88,10 +89,65 @@ def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
     params = variables['params']
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=exp.tx.init(params))
+  return init
 
-  abstract = jax.eval_shape(init, rng)
-  shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(exp.mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)(rng)
+
+def abstract_state(exp: Experiment) -> TrainState:
+  """The train state's shapes, dtypes and (replicated) shardings, as jax.ShapeDtypeStructs:
+  what a checkpoint restores into. Nothing is computed or compiled."""
+  shapes = jax.eval_shape(_init_fn(exp), jax.random.key(0))
+  replicated = sharding.replicated(exp.mesh)
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+def init_state(exp: Experiment, rng: jax.Array) -> TrainState:
+  """Initialises the train state directly into its (replicated) shardings."""
+  shardings = jax.tree_util.tree_map(lambda s: s.sharding, abstract_state(exp))
+  return jax.jit(_init_fn(exp), out_shardings=shardings)(rng)
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config that run.py wrote to workdir/config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: not a run.py workdir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 save_every_steps=config.train.checkpoint_every_steps)
+
+
+def kept_checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints kept in workdir/checkpoints, ascending ([] if none)."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return []
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every_steps=1)
+  try:
+    return ckpt.kept_steps()
+  finally:
+    ckpt.close()
+
+
+def restore_checkpoint(exp: Experiment, workdir: str, step: int | None = None) -> TrainState:
+  """The workdir's checkpoint of `step` (default the latest), restored into exp's state's
+  shapes and shardings (exp may differ from the run's config where shapes do not, e.g. in a
+  BatchNorm momentum). FileNotFoundError, naming the kept steps, if there is none of `step`."""
+  kept = kept_checkpoint_steps(workdir)
+  if not kept:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  step = kept[-1] if step is None else step
+  if step not in kept:
+    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}/checkpoints; it keeps '
+                            f'steps {kept}')
+  ckpt = _checkpointer(exp.config, workdir)
+  try:
+    return ckpt.restore(abstract_state(exp), step)
+  finally:
+    ckpt.close()
 
 
 def load_init_from(state: TrainState, path: str) -> TrainState:
@@ -260,16 +316,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Evaluates the workdir's checkpoint at `step`, default the latest (`run.py --mode=eval
   [--step=N]`): eval_<step>.json and predictions.png in the workdir."""
   exp = setup(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.train.checkpoint_every_steps)
-  kept = sorted(ckpt.manager.all_steps())
-  if not kept:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints to evaluate')
-  if step is not None and step not in kept:
-    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}/checkpoints; it keeps '
-                            f'steps {kept}')
-  state = ckpt.restore(checkpoint.abstract(init_state(exp, jax.random.key(config.seed))), step)
-  ckpt.close()
+  state = restore_checkpoint(exp, workdir, step)
   detect = make_detect(exp)
   results = evaluate_model(exp, state, detect, _maybe_segment_boxes(exp))
   writer = metric_writers.create_default_writer(workdir,
@@ -286,8 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   exp = setup(config)
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every_steps=config.train.checkpoint_every_steps)
+  ckpt = _checkpointer(config, workdir)
   rng = jax.random.key(config.seed)
   state = init_state(exp, rng)
   if ckpt.latest_step() is not None:  # resume first

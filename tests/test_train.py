@@ -234,3 +234,40 @@ def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir
     assert from_gt[split]['AP'] == pytest.approx(oracle[split]['AP'], abs=1e-9)
     assert from_gt[split]['AP'] > 0.95
   assert results['segm']['AP'] == 0.0 and results['bbox']['AP'] == 0.0
+
+
+def test_a_run_is_reopened_from_its_workdir(tmp_path, shapes_data_dir):
+  """read_run_config + restore_checkpoint (what --mode=eval and the diagnostics use): the kept
+  step's state comes back into the same shapes and shardings, the latest by default; a missing
+  step or workdir fails naming what is there, and creates nothing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.config()
+  config.data.data_dir = shapes_data_dir
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  reread = train.read_run_config(str(tmp_path))
+  assert reread.to_json_best_effort() == config.to_json_best_effort()  # JSON: tuples are lists
+  exp = train.setup(reread)
+  abstract = train.abstract_state(exp)  # what run.py's init_state fills (resume tests use it)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every_steps=1)
+  for step in (3, 5):
+    ckpt.save(step, jax.tree_util.tree_map(
+        lambda s, v=step: jax.device_put(np.full(s.shape, v, s.dtype), s.sharding), abstract))
+  ckpt.close()
+  assert train.kept_checkpoint_steps(str(tmp_path)) == [3, 5]
+  for step, expected in ((None, 5), (3, 3)):
+    state = train.restore_checkpoint(exp, str(tmp_path), step)
+    assert int(state.step) == expected
+    leaves, abstract_leaves = (jax.tree_util.tree_leaves(t) for t in (state, abstract))
+    assert len(leaves) == len(abstract_leaves) > 10
+    for got, want in zip(leaves, abstract_leaves):
+      assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
+      np.testing.assert_array_equal(got, np.full(want.shape, expected, want.dtype))
+  with pytest.raises(FileNotFoundError, match=r'step 4 .*keeps steps \[3, 5\]'):
+    train.restore_checkpoint(exp, str(tmp_path), 4)
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    train.restore_checkpoint(exp, str(tmp_path / 'elsewhere'))
+  with pytest.raises(FileNotFoundError, match='not a run.py workdir'):
+    train.read_run_config(str(tmp_path / 'elsewhere'))
+  assert not (tmp_path / 'elsewhere').exists()
