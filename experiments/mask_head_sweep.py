@@ -28,7 +28,10 @@ Variants (after ':'):
           filters (`mask_head.num_filters`) x seeds {0, 1}. At 16 filters the shallow heads
           underfit even the seen classes of their training images (benchmarks/mask_head_fit.py),
           so depth raised seen AP as much as unseen; does a default head wide enough to fit the
-          seen classes close the unseen gap to hourglass20 too?
+          seen classes close the unseen gap to hourglass20 too? Its 16-filter cells in
+          results/mask_head_width are copies of the full grid's default GT cells (the same
+          resolved config but for hourglass_bn_momentum, which the default head does not read;
+          their sweep_cell.json says so), so only the 64-filter cells run there.
 """
 import importlib.util
 import os
