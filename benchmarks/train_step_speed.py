@@ -239,7 +239,8 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
           f'{flops / 1e9 / best:6.1f} GFLOP/s | compile {compile_s:5.1f} s', flush=True)
   for name, size, box in (('ROIAlign box crops', s.box_head[4], rois),
                           ('ROIAlign mask crops', s.mask_crop_size, mask_boxes)):
-    cot = jnp.ones(box.shape[:2] + (size, size, s.fpn_filters), jnp.float32)
+    channels = jax.tree.leaves(features)[0].shape[-1]  # SpineNet: not fpn_filters
+    cot = jnp.ones(box.shape[:2] + (size, size, channels), jnp.float32)
     fn = jax.jit(jax.grad(lambda f, b, g, size=size: jnp.sum(
         roi_align.multilevel_roi_align(f, b, size) * g)))
     best, median = run_timed(fn, lambda box=box, cot=cot: (features, box, cot), repeats)
@@ -275,8 +276,10 @@ def main():
       if args.breakdown:
         breakdown(config, num_instances=5, repeats=args.repeats)
     elif case in ('demo', 'demo_resnet'):
-      config = demo_config('resnet50' if case == 'demo_resnet' else 'spinenet49')
-      bench_train_step(case, configured(config), num_instances=5, repeats=args.repeats)
+      config = configured(demo_config('resnet50' if case == 'demo_resnet' else 'spinenet49'))
+      bench_train_step(case, config, num_instances=5, repeats=args.repeats)
+      if args.breakdown:
+        breakdown(config, num_instances=5, repeats=args.repeats)
     else:
       bench_detect(configured(maskrcnn_512('deepmarc')), args.repeats)
 
