@@ -34,6 +34,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` saves without `force` (`step` is on the interval)."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it saved."""
     return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)

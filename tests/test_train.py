@@ -1,6 +1,7 @@
 """The trainer: sharding, resume after a kill, non-finite losses, and the end-to-end run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,16 +134,25 @@ def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(tmp_path, s
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     tmp_path, shapes_data_dir):
-  run = _run(tmp_path, shapes_data_dir, '--config.train.optimizer.learning_rate=1e30',
-             '--config.train.optimizer.warmup_steps=0', '--config.train.total_steps=20')
+  # Four good steps at the demo's learning rate, then 1e30 from the fifth: the loss turns
+  # non-finite a step or more later, after the checkpoints of steps 2 and 4.
+  run = _run(tmp_path, shapes_data_dir, '--config.train.optimizer.schedule=step',
+             '--config.train.optimizer.warmup_steps=0',
+             '--config.train.optimizer.decay_boundaries=(4,)',
+             '--config.train.optimizer.decay_rate=1e33', '--config.train.total_steps=20')
   out, _ = run.communicate(timeout=900)
   assert run.returncode == 2, out[-3000:]
-  assert 'FATAL: non-finite loss' in out and 'last good' in out
+  found = re.search(r'FATAL: non-finite loss or gradient at a step in \((\d+), (\d+)\]; '
+                    r'nothing after the last good checkpoint \(step (\d+)\) is saved', out)
+  assert found, out[-3000:]
+  before, bad, latest_in_message = map(int, found.groups())
+  assert bad == before + 1 and bad >= 6  # log_every_steps=1 checks each step; 5 is still good
   from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every_steps=2)
   latest = ckpt.latest_step()
-  assert latest is not None
+  assert latest == latest_in_message and 4 <= latest < bad  # nothing from the bad step on
   restored = ckpt.restore(None)
+  assert int(restored['step']) == latest
   leaves = [np.asarray(x) for x in jax_leaves(restored)]
   assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == 'f')
 

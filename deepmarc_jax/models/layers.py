@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -105,36 +106,62 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      if mask is None:
-        weight = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
-      else:  # mask covers leading axes ([N] for [N, H, W, C]); broadcast it over the rest
-        weight = jnp.broadcast_to(
-            mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x.ndim - mask.ndim)),
-            x.shape[:-1] + (1,))
-      count, total = jnp.sum(weight, axes), jnp.sum(xf * weight, axes)
-      if self.axis_name is not None:
-        count, total = jax.lax.psum((count, total), self.axis_name)
-      seen = count > 0
-      # Values the running averages stand in for: the floor's shortfall, or (no example in the
-      # batch) all of them, which normalises with the running statistics as in evaluation.
-      stand_in = jnp.where(seen, jnp.maximum(self.min_count - count, 0.0),
-                           jnp.maximum(self.min_count, 1.0))
-      pooled = count + stand_in
-      mean = (total + stand_in * ra_mean.value) / pooled
-      # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in float32 when a channel's
-      # mean dwarfs its spread, which makes gradients depend on reduction order.
-      total_sq = jnp.sum(jnp.square(xf - mean) * weight, axes)
-      if self.axis_name is not None:
-        total_sq = jax.lax.psum(total_sq, self.axis_name)
-      var = (total_sq + stand_in * (ra_var.value + jnp.square(ra_mean.value - mean))) / pooled
+      if mask is None and self.min_count <= 0:
+        mean, var, seen = *self._moments(xf, axes), None
+      else:
+        mean, var, seen = self._masked_moments(xf, axes, mask, ra_mean.value, ra_var.value)
       if not self.is_initializing():
-        ra_mean.value = jnp.where(seen, self.momentum * ra_mean.value
-                                  + (1 - self.momentum) * mean, ra_mean.value)
-        ra_var.value = jnp.where(seen, self.momentum * ra_var.value
-                                 + (1 - self.momentum) * var, ra_var.value)
+        for average, batch in ((ra_mean, mean), (ra_var, var)):
+          new = self.momentum * average.value + (1 - self.momentum) * batch
+          average.value = new if seen is None else jnp.where(seen, new, average.value)
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(self.dtype or x.dtype)
 
+  def _moments(self, xf: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and biased variance per channel, over all replicas on axis_name.
+
+    The unmasked, unfloored case (every backbone and FPN BatchNorm): the same statistics as
+    `_masked_moments` with weights of one, without the weights and the stand-in arithmetic,
+    whose forward and backward kernels XLA compiles in every BatchNorm of the train step.
+    """
+    count = float(math.prod(xf.shape[:-1]))
+    total = jnp.sum(xf, axes)
+    if self.axis_name is not None:
+      count, total = jax.lax.psum((count, total), self.axis_name)
+    mean = total / count
+    total_sq = jnp.sum(jnp.square(xf - mean), axes)  # two-pass: see _masked_moments
+    if self.axis_name is not None:
+      total_sq = jax.lax.psum(total_sq, self.axis_name)
+    return mean, total_sq / count
+
+  def _masked_moments(self, xf: jax.Array, axes: tuple[int, ...], mask: jax.Array | None,
+                      ra_mean: jax.Array, ra_var: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, var, seen) per channel over the masked-in entries, floored by min_count (see the
+    class docstring); seen: whether the batch held any entry (else the running averages stay)."""
+    if mask is None:
+      weight = jnp.ones(xf.shape[:-1] + (1,), jnp.float32)
+    else:  # mask covers leading axes ([N] for [N, H, W, C]); broadcast it over the rest
+      weight = jnp.broadcast_to(
+          mask.astype(jnp.float32).reshape(mask.shape + (1,) * (xf.ndim - mask.ndim)),
+          xf.shape[:-1] + (1,))
+    count, total = jnp.sum(weight, axes), jnp.sum(xf * weight, axes)
+    if self.axis_name is not None:
+      count, total = jax.lax.psum((count, total), self.axis_name)
+    seen = count > 0
+    # Values the running averages stand in for: the floor's shortfall, or (no example in the
+    # batch) all of them, which normalises with the running statistics as in evaluation.
+    stand_in = jnp.where(seen, jnp.maximum(self.min_count - count, 0.0),
+                         jnp.maximum(self.min_count, 1.0))
+    pooled = count + stand_in
+    mean = (total + stand_in * ra_mean) / pooled
+    # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in float32 when a channel's
+    # mean dwarfs its spread, which makes gradients depend on reduction order.
+    total_sq = jnp.sum(jnp.square(xf - mean) * weight, axes)
+    if self.axis_name is not None:
+      total_sq = jax.lax.psum(total_sq, self.axis_name)
+    var = (total_sq + stand_in * (ra_var + jnp.square(ra_mean - mean))) / pooled
+    return mean, var, seen
 
 def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
                mask: jax.Array | None = None, name: str | None = None) -> jax.Array:
