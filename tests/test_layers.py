@@ -24,7 +24,6 @@ def test_equals_flax_batchnorm_without_mask():
                          ours[1], theirs[1])
 
 
-
 def test_unmasked_statistics_equal_the_masked_path_with_every_example_in():
   """No mask and no floor take a shorter path (fewer kernels to compile); with every example
   masked in, the masked path must give the same outputs, statistics and gradients."""
@@ -45,6 +44,7 @@ def test_unmasked_statistics_equal_the_masked_path_with_every_example_in():
   for ours, masked in ((stats, stats_m), (grads, grads_m)):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            ours, masked)
+
 
 def test_mask_limits_statistics_to_masked_in_examples():
   mask = np.array([True, True, False, True, False, False])

@@ -163,6 +163,7 @@ class BatchNorm(nn.Module):
     var = (total_sq + stand_in * (ra_var + jnp.square(ra_mean - mean))) / pooled
     return mean, var, seen
 
+
 def batch_norm(x: jax.Array, train: bool, norm: NormConfig, dtype: Dtype,
                mask: jax.Array | None = None, name: str | None = None) -> jax.Array:
   """`BatchNorm` with `norm`'s settings; `mask` [N] (leading axis) limits the statistics.
