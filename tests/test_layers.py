@@ -139,3 +139,96 @@ def test_min_count_tames_the_gradient_of_two_examples_at_1x1():
   # (mean 0, variance 1) the pooled variance is ~1 and y_0 ~ x_0 - mean: gradient ~(1 - 1/64).
   np.testing.assert_allclose(input_grad_norm(0.0), 0.5 ** 0.5 / 1e-5 ** 0.5, rtol=1e-3)
   np.testing.assert_allclose(input_grad_norm(64.0), 1.0, atol=0.05)
+
+
+def _reference_batch_norm(x, scale, bias, mask, ra_mean, ra_var, min_count, epsilon):
+  """The statistics of `BatchNorm`'s docstring in plain jnp, for autodiff to differentiate:
+  masked-in entries, pooled with min_count - count stand-ins from the running averages."""
+  w = jnp.ones(x.shape[:1]) if mask is None else mask.astype(jnp.float32)
+  w = jnp.broadcast_to(w[:, None, None, None], x.shape[:-1] + (1,))
+  count = jnp.sum(w)
+  stand_in = jnp.where(count > 0, jnp.maximum(min_count - count, 0.0), max(min_count, 1.0))
+  pooled = count + stand_in
+  mean = (jnp.sum(x * w, (0, 1, 2)) + stand_in * ra_mean) / pooled
+  var = (jnp.sum((x - mean) ** 2 * w, (0, 1, 2))
+         + stand_in * (ra_var + (ra_mean - mean) ** 2)) / pooled
+  return (x - mean) / jnp.sqrt(var + epsilon) * scale + bias, mean, var
+
+
+def test_backward_equals_autodiff_of_the_statistics():
+  """The hand-written backward against autodiff of `_reference_batch_norm`, for the gradients
+  of x, scale and bias, through the output and through the new running averages, unmasked,
+  masked, with the floor active and with nothing masked in."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(X)
+  scale, bias = jnp.asarray(rng.normal(1, 0.3, 4)), jnp.asarray(rng.normal(0, 0.3, 4))
+  ra_mean, ra_var = jnp.asarray(rng.normal(0, 1, 4)), jnp.asarray(rng.uniform(0.5, 2, 4))
+  weights = [jnp.asarray(rng.normal(size=X.shape)), jnp.asarray(rng.normal(size=4)),
+             jnp.asarray(rng.normal(size=4))]
+  cases = {'unmasked': (None, 0.0), 'masked': (np.array([1, 0, 1, 1, 0, 1], bool), 0.0),
+           'floored': (np.array([1, 0, 1, 0, 0, 0], bool), 40.0),
+           'floor, no mask': (None, 100.0), 'none in': (np.zeros(6, bool), 0.0)}
+  for name, (mask, min_count) in cases.items():
+    module = layers.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3,
+                              min_count=min_count)
+    variables = {'params': {'scale': scale, 'bias': bias},
+                 'batch_stats': {'mean': ra_mean, 'var': ra_var}}
+    mask_arg = None if mask is None else jnp.asarray(mask)
+    seen = mask is None or mask.any()
+
+    def ours(x, scale, bias, mask_arg=mask_arg, module=module):
+      y, new = module.apply({'params': {'scale': scale, 'bias': bias},
+                             'batch_stats': variables['batch_stats']}, x, mask_arg,
+                            mutable=['batch_stats'])
+      stats = new['batch_stats']
+      return (jnp.sum(jnp.sin(y) * weights[0]) + jnp.sum(stats['mean'] * weights[1])
+              + jnp.sum(stats['var'] * weights[2]))
+
+    def reference(x, scale, bias, mask=mask, min_count=min_count, seen=seen):
+      y, mean, var = _reference_batch_norm(x, scale, bias, None if mask is None else
+                                           jnp.asarray(mask), ra_mean, ra_var, min_count, 1e-3)
+      new_mean = 0.9 * ra_mean + 0.1 * mean if seen else ra_mean
+      new_var = 0.9 * ra_var + 0.1 * var if seen else ra_var
+      return (jnp.sum(jnp.sin(y) * weights[0]) + jnp.sum(new_mean * weights[1])
+              + jnp.sum(new_var * weights[2]))
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(reference, argnums=(0, 1, 2))(x, scale, bias)
+    np.testing.assert_allclose(ours(x, scale, bias), reference(x, scale, bias), rtol=1e-5)
+    for g, w, what in zip(got, want, ('x', 'scale', 'bias')):
+      np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=f'{name}: d/d{what}')
+
+
+def test_statistics_and_gradients_pool_over_replicas_on_axis_name():
+  """axis_name: BatchNorm on 3 replicas of 2 examples (vmap with a named axis) gives the
+  outputs and gradients of BatchNorm on all 6 examples at once."""
+  def run(module, x):
+    variables = module.init(jax.random.key(0), x)
+    params = {'scale': jnp.arange(1.0, 5.0), 'bias': jnp.ones(4)}
+
+    def loss(params, x):
+      y = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])[0]
+      return jnp.sum(jnp.sin(y) * jnp.cos(x))
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  whole = layers.BatchNorm(use_running_average=False, epsilon=1e-3)
+  dparams, dx = run(whole, jnp.asarray(X))
+  replica = layers.BatchNorm(use_running_average=False, epsilon=1e-3, axis_name='replicas')
+  parts = jnp.asarray(X).reshape(3, 2, *X.shape[1:])
+  dparams_r, dx_r = jax.vmap(lambda x: run(replica, x), axis_name='replicas')(parts)
+  np.testing.assert_allclose(dx_r.reshape(X.shape), dx, rtol=1e-5, atol=1e-6)
+  # Each replica's share of the parameter gradients; the trainer sums them over replicas.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-5),
+                         dparams_r, dparams)
+
+
+def test_bfloat16_activations_keep_their_dtype_and_float32_statistics():
+  module = layers.BatchNorm(use_running_average=False, epsilon=1e-3)
+  x = jnp.asarray(X, jnp.bfloat16)
+  variables = module.init(jax.random.key(0), x)
+  dx = jax.grad(lambda x: jnp.sum(module.apply(variables, x, mutable=['batch_stats'])[0]
+                                  .astype(jnp.float32) ** 2))(x)
+  dx32 = jax.grad(lambda x: jnp.sum(module.apply(variables, x, mutable=['batch_stats'])[0]
+                                    ** 2))(x.astype(jnp.float32))
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dx.astype(jnp.float32), dx32, rtol=0.05, atol=0.05)
