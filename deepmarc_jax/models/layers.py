@@ -146,7 +146,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, weight: ja
 
 
 def _count(x: jax.Array, weight: jax.Array | None, axis_name: str | None):
-  """Entries per channel the statistics rest on: a Python float without weights."""
+  """Entries per channel the statistics rest on (a Python float without weights or replicas)."""
   per_weight = math.prod(x.shape[:-1]) / (1 if weight is None else math.prod(weight.shape))
   count = per_weight * (1.0 if weight is None else jnp.sum(weight))
   return count if axis_name is None else jax.lax.psum(count, axis_name)
@@ -166,7 +166,7 @@ def _batch_norm_train_fwd(x, scale, bias, weight, running, epsilon, min_count, a
     # Two-pass variance: E[x^2] - E[x]^2 cancels catastrophically in float32 when a channel's
     # mean dwarfs its spread, which makes gradients depend on reduction order.
     var = _sum(jnp.square(xf - mean), axis_name) / count
-    pooled, stand_in = count, 0.0
+    pooled = count
   else:
     ra_mean, ra_var = running
     # Values the running averages stand in for: the floor's shortfall, or (no entry in the
