@@ -30,13 +30,13 @@ def test_train_step_on_8_devices_matches_1_device():
   assert out['update_rel_diff'] <= 2 * out['noise_update_rel_diff'] + 1e-4
 
 
-def _run(workdir, data_dir, *overrides):
+def _run(workdir, data_dir, *overrides, **environ):
   return subprocess.Popen(
       [sys.executable, str(REPO / 'run.py'),
        f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}:demo,tiny',
        f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES=''))
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='', **environ))
 
 
 def _losses(workdir):
@@ -67,8 +67,11 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   from_gt = json.loads((tmp_path / 'full' / 'eval_6.json').read_text())['segm_gt_boxes']
   assert 0.0 <= from_gt['AP'] <= 1.0 and set(from_gt) >= {'seen', 'unseen', 'per_category'}
 
+  # The interrupted run and its resumption share a compilation cache: the resumed process
+  # loads the train step the killed one compiled, and must still continue exactly.
+  cache = tmp_path / 'jax_cache'
   work = tmp_path / 'killed'
-  killed = _run(work, shapes_data_dir)
+  killed = _run(work, shapes_data_dir, f'--config.compilation_cache_dir={cache}')
   deadline = time.time() + 600
   while time.time() < deadline and killed.poll() is None:
     if (work / 'metrics.jsonl').exists() and len(_losses(work)) >= 2:
@@ -81,10 +84,17 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   assert stopped_at < 6, 'the run finished before SIGTERM arrived'
   assert (work / 'checkpoints' / str(stopped_at)).exists()
 
-  resumed = _run(work, shapes_data_dir)
+  cached_steps = sorted(p.name for p in cache.glob('jit_train_step-*'))
+  assert len(cached_steps) == 1, sorted(p.name for p in cache.iterdir())
+
+  # JAX logs its cache hits at debug level, shown for the module named here.
+  resumed = _run(work, shapes_data_dir, f'--config.compilation_cache_dir={cache}',
+                 JAX_DEBUG_LOG_MODULES='jax._src.compiler')
   out, _ = resumed.communicate(timeout=900)
   assert resumed.returncode == 0, out[-3000:]
   assert f'resumed from step {stopped_at}' in out
+  assert "Persistent compilation cache hit for 'jit_train_step'" in out, out[-3000:]
+  assert sorted(p.name for p in cache.glob('jit_train_step-*')) == cached_steps
   after = _losses(work)
   for step in range(stopped_at + 1, 7):
     np.testing.assert_allclose(after[step], reference[step], rtol=1e-6)
