@@ -79,11 +79,9 @@ def main(argv):
     f.write(config.to_json_best_effort(indent=2))
   logging.info('config:\n%s', config)
 
-  import jax  # pylint: disable=g-import-not-at-top
   if jax_distributed_needed():
+    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  if config.compilation_cache_dir:  # before anything compiles: JAX opens the cache once
-    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
   if _MODE.value == 'prepare':
     from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
     prepare.run(config, _WORKDIR.value)

@@ -1,7 +1,7 @@
 r"""Train-step and `detect` cost on the default device: compile time, step time, memory, FLOP/s.
 
   .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect]
-      [--repeats=3] [--breakdown] [--dtype=float32] [--compilation_cache_dir=DIR]
+      [--repeats=3] [--breakdown] [--dtype=float32]
 
 Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `train_step`):
   deepmarc  R50-FPN (levels 2-6) + hourglass52 mask head, 512x512, batch 2, GT crops of
@@ -24,7 +24,9 @@ XLA-counted FLOPs per step (`compiled.cost_analysis()`) and the FLOP rate they i
 `--breakdown` also times the forward+backward of the step's parts in isolation (backbone+FPN, RPN
 head, box head on the sampled ROIs, mask head on its crops, ROIAlign of both): where the time
 goes.
-Printed, not asserted: the targets live in the README's benchmark table.
+Printed, not asserted: the targets live in the README's benchmark table. With
+JAX_COMPILATION_CACHE_DIR=DIR in the environment, a second run loads the compiled steps from JAX's
+persistent cache (compile = trace + lower + load): what a restarted run.py pays.
 """
 from __future__ import annotations
 
@@ -256,12 +258,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--breakdown', action='store_true')
   parser.add_argument('--dtype', default='float32', choices=config_lib.DTYPES)
-  parser.add_argument('--compilation_cache_dir', default=None,
-                      help="JAX's persistent compilation cache, as run.py's "
-                           "--config.compilation_cache_dir: run twice for cold vs warm")
   args = parser.parse_args()
-  if args.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', args.compilation_cache_dir)
   cases = args.cases.split(',')
   unknown = set(cases) - set(CASES)
   if unknown:

@@ -132,11 +132,6 @@ def base_config() -> ml_collections.ConfigDict:
   # {'params', 'batch_stats'} to start training from when the workdir has no checkpoint yet,
   # e.g. an official checkpoint converted by `python -m deepmarc_jax.convert`.
   config.init_from = config_dict.placeholder(str)
-  # JAX's persistent compilation cache (local or GCS path), set by run.py: a restarted or
-  # resumed run loads its compiled train step, detect and segment_boxes instead of compiling
-  # them again (the CPU demo's train step: 34-37 s to trace and compile, 12-14 s to trace and
-  # load; README, Benchmarks). Unset: off.
-  config.compilation_cache_dir = config_dict.placeholder(str)
   return config
 
 

@@ -67,11 +67,11 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   from_gt = json.loads((tmp_path / 'full' / 'eval_6.json').read_text())['segm_gt_boxes']
   assert 0.0 <= from_gt['AP'] <= 1.0 and set(from_gt) >= {'seen', 'unseen', 'per_category'}
 
-  # The interrupted run and its resumption share a compilation cache: the resumed process
-  # loads the train step the killed one compiled, and must still continue exactly.
+  # The interrupted run and its resumption share JAX's persistent compilation cache: the resumed
+  # process loads the train step the killed one compiled, and must still continue exactly.
   cache = tmp_path / 'jax_cache'
   work = tmp_path / 'killed'
-  killed = _run(work, shapes_data_dir, f'--config.compilation_cache_dir={cache}')
+  killed = _run(work, shapes_data_dir, JAX_COMPILATION_CACHE_DIR=str(cache))
   deadline = time.time() + 600
   while time.time() < deadline and killed.poll() is None:
     if (work / 'metrics.jsonl').exists() and len(_losses(work)) >= 2:
@@ -88,7 +88,7 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   assert len(cached_steps) == 1, sorted(p.name for p in cache.iterdir())
 
   # JAX logs its cache hits at debug level, shown for the module named here.
-  resumed = _run(work, shapes_data_dir, f'--config.compilation_cache_dir={cache}',
+  resumed = _run(work, shapes_data_dir, JAX_COMPILATION_CACHE_DIR=str(cache),
                  JAX_DEBUG_LOG_MODULES='jax._src.compiler')
   out, _ = resumed.communicate(timeout=900)
   assert resumed.returncode == 0, out[-3000:]
