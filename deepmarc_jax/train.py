@@ -186,7 +186,7 @@ def make_train_step(exp: Experiment):
         state.params, state.batch_stats, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optimizers.gradient_norm(grads, exp.config.train.optimizer)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                      opt_state=opt_state)

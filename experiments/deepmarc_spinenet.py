@@ -99,6 +99,7 @@ def get_config(arg: str | None = None):
     train.checkpoint_every_steps = 500
     opt.name, opt.schedule = 'adamw', 'cosine'
     opt.learning_rate, opt.weight_decay = 1e-3, 1e-4
+    opt.flatten = True  # a CPU compiles the step ~10% faster (optimizers.py)
     opt.warmup_steps, opt.warmup_init_lr = 100, 1e-4
     config.eval.batch_size = 8
     config.eval.every_steps = 1000
