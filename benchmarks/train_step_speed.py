@@ -11,7 +11,8 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
             28x28, up to 128 foreground ROIs per image, Model Garden's mask sampler).
   plain_2fc plain with the box head of He et al.'s Mask R-CNN (two 1024-wide fc layers, no
             convs), as torchvision's `maskrcnn_resnet50_fpn` and Model Garden's default Mask
-            R-CNN have it; the cases above keep Deep-MARC's 4 convs + 1 fc.
+            R-CNN have it; the cases above keep Deep-MARC's 4 convs + 1 fc. This is the plain
+            Mask R-CNN that torchvision's 8.47 s step (the README's 8.5 s target) timed.
   demo      `experiments/deepmarc_spinenet.py:demo` (quarter-width SpineNet-49, levels 2-6,
             128 px, batch 8): the CPU demo's step.
   demo_resnet  the same with the earlier demo's narrow R50-FPN (64 filters) as backbone.
