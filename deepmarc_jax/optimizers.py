@@ -10,8 +10,8 @@ and dense kernel (not biases, not BatchNorm).
 parameters (`optax.flatten` around the moment transformation; weight decay and the learning rate
 stay per leaf). The update is the same element by element. Why: XLA:CPU compiles the per-leaf
 update as 3 kernels per parameter leaf (it fuses no sibling loops) and the gradient norm as 2
-more; the CPU demo's step (505 leaves) has 5,447 kernels per leaf and 3,637 flat, and compiles
-~3 s (~11%) faster (README, Benchmarks). Accelerators fuse the per-leaf update well, and a flat
+more; the CPU demo's step (505 leaves) has 5,447 kernels with per-leaf moments and 3,637 with
+flat ones, and compiles ~3 s (~11%) faster (README, Benchmarks). Accelerators fuse the per-leaf update well, and a flat
 copy of a large model's moments costs a pass over them, so the paper's configs keep per-leaf
 moments.
 """
