@@ -1,10 +1,11 @@
-"""deepmarc_jax/convert.py against the official TF Model Garden Deep-MARC (tf-models-official 2.20).
+"""deepmarc_jax/tools/convert_tf_checkpoint.py against the official TF Model Garden Deep-MARC
+(tf-models-official 2.20).
 
-One oracle subprocess per module (in .venv-oracle, built by setup.sh) builds small official
-DeepMaskRCNNModels through the deepmac_maskrcnn config + task factory, randomises every weight,
-calibrates and then perturbs the BatchNorm moving statistics, writes
-`tf.train.Checkpoint(model=model)` and the official evaluation-mode outputs on a fixed uint8
-image (normalised as the Model Garden parser does):
+One oracle subprocess per module (oracle/deepmarc_parity.py in .venv-oracle, built by setup.sh;
+the tests that need it are marked `oracle`) builds small official DeepMaskRCNNModels through the
+deepmac_maskrcnn config + task factory, randomises every weight, calibrates and then perturbs
+the BatchNorm moving statistics, writes `tf.train.Checkpoint(model=model)` and the official
+evaluation-mode outputs on a fixed uint8 image (normalised as the Model Garden parser does):
   * 'spinenet': a narrow SpineNet-49 (identity decoder) + hourglass20 DeepMaskHead, 256 px,
     3 anchor scales, 6 classes; 'spinenet_default': the same trunk with the 'default' head;
   * 'resnetfpn': a narrow ResNet-50 + FPN (levels 2-6) + hourglass52 head (crop 32), 128 px;
@@ -30,12 +31,13 @@ import numpy as np
 import pytest
 
 from deepmarc_jax import config_lib
-from deepmarc_jax import convert
-from deepmarc_jax import train
+from deepmarc_jax.tools import convert_tf_checkpoint as convert
+from deepmarc_jax import experiment
 from deepmarc_jax.models import catalogue
 from deepmarc_jax.models import mask_rcnn
 from deepmarc_jax.ops import boxes as box_ops
 from deepmarc_jax.ops import nms as nms_ops
+from tests.conftest import ORACLE_PYTHON
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / 'experiments'))
@@ -43,9 +45,6 @@ import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow
 
-# The official TF Model Garden in its own venv: setup.sh builds it (from shared/oracle).
-ORACLE_PYTHON = pathlib.Path(os.environ.get(
-    'DEEPMARC_ORACLE_PYTHON', REPO / '.venv-oracle' / 'bin' / 'python'))
 RTOL = 1e-4
 WIDTH = 0.125       # backbone width_multiplier (SpineNet filter scale, ResNet depth multiplier)
 NUM_CLASSES = 6     # few classes, so that random softmax scores pass the 0.05 threshold
@@ -152,233 +151,18 @@ def make_inputs() -> dict:
   return inputs
 
 
-ORACLE_SCRIPT = r'''
-"""Builds small official Deep-MARC models, randomises them, saves checkpoints and outputs.
-
-argv: OUT_DIR INPUTS_NPZ. For each model NAME in the inputs ('spinenet', 'resnetfpn'):
-OUT_DIR/NAME/ckpt* (tf.train.Checkpoint(model=...)) and OUT_DIR/NAME.npz; for 'spinenet' also
-OUT_DIR/spinenet_default/ckpt* (same trunk, the 'default' DeepMaskHead) and its npz, and
-OUT_DIR/resnetfpn_hourglass100/ckpt* (the ResNet-FPN trunk with the 'hourglass100' head).
-"""
-import json
-import os
-import sys
-import time
-
-import numpy as np
-import tensorflow as tf
-import tf_keras
-
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
-from absl import logging as absl_logging  # noqa: E402
-absl_logging.set_verbosity(absl_logging.ERROR)
-tf.get_logger().setLevel('ERROR')
-
-from official.core import exp_factory  # noqa: E402
-from official.projects.deepmac_maskrcnn.common import registry_imports  # noqa: E402,F401
-from official.projects.deepmac_maskrcnn.modeling import maskrcnn_model as deep_model  # noqa: E402
-from official.projects.deepmac_maskrcnn.modeling.heads import instance_heads as deep_heads  # noqa
-from official.projects.deepmac_maskrcnn.tasks import deep_mask_head_rcnn as task_mod  # noqa: E402
-from official.vision.modeling.backbones import spinenet  # noqa: E402
-from official.vision.ops import anchor  # noqa: E402
-from official.vision.ops import preprocess_ops  # noqa: E402
-
-OUT, INPUTS = sys.argv[1], np.load(sys.argv[2])
-SPEC = json.loads(str(INPUTS['spec']))
-
-
-def log(*a):
-  print(*a, file=sys.stderr, flush=True)
-
-
-def build(experiment, overrides):
-  config = exp_factory.get_exp_config(experiment)
-  config.override({'task': {'model': overrides}}, is_strict=True)
-  tf_keras.utils.set_random_seed(0)
-  return task_mod.DeepMaskHeadRCNNTask(config.task).build_model(), config.task.model
-
-
-def unique(variables):
-  return list({id(v): v for v in variables}.values())
-
-
-def randomise(layer, rng):
-  """New random kernels (fan-in scaled), biases, gammas and betas; BN statistics come later."""
-  for v in unique(layer.weights):
-    leaf = v.name.split('/')[-1].split(':')[0]
-    shape = v.shape.as_list()
-    if leaf == 'kernel':
-      value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
-    elif leaf == 'bias':
-      value = rng.normal(0.0, 0.2, shape)
-    elif leaf == 'beta':
-      # Mostly active ReLUs: a random SpineNet with beta ~ 0 amplifies float32 rounding ~100x
-      # (both implementations end ~5e-5 away from a float64 evaluation); with beta ~ 1 ~10x.
-      value = rng.normal(1.0, 0.2, shape)
-    elif leaf == 'gamma':
-      value = rng.uniform(0.7, 1.3, shape)
-    else:
-      continue
-    v.assign(value.astype(np.float32))
-
-
-def batch_norms(layer):
-  return [l for l in layer._flatten_layers() if hasattr(l, 'moving_variance')]
-
-
-def calibrate(layer, call):
-  """Moving statistics := this call's batch statistics (momentum 0), so that evaluation-mode
-  activations stay O(1) through the deep random networks."""
-  norms = batch_norms(layer)
-  momenta = [n.momentum for n in norms]
-  for n in norms:
-    n.momentum = 0.0
-  call()
-  for n, m in zip(norms, momenta):
-    n.momentum = m
-
-
-def perturb_statistics(layer, rng):
-  for n in batch_norms(layer):
-    var = n.moving_variance.numpy()
-    n.moving_mean.assign((n.moving_mean.numpy() + 0.1 * np.sqrt(var + 1e-3)
-                          * rng.standard_normal(var.shape)).astype(np.float32))
-    n.moving_variance.assign((var * rng.uniform(0.7, 1.4, var.shape) + 0.05).astype(np.float32))
-
-
-def normalise(images_uint8):
-  # The Model Garden parser: uint8 -> [0, 1] -> (x - MEAN_NORM) / STDDEV_NORM.
-  return tf.stack([preprocess_ops.normalize_image(tf.constant(im)) for im in images_uint8])
-
-
-def randomise_and_calibrate(model, mask_head, images, rois, rng):
-  randomise(model, rng)
-  rois = tf.tile(rois, [images.shape[0], 1, 1])
-  calibrate(model.backbone, lambda: model.backbone(images, training=True))
-  if model.decoder is not None:
-    calibrate(model.decoder,
-              lambda: model.decoder(model.backbone(images, training=False), training=True))
-  _, feats = model._get_backbone_and_decoder_features(images)
-  calibrate(model.rpn_head, lambda: model.rpn_head(feats, training=True))
-  head = model.detection_head[0]
-  calibrate(head, lambda: head(model.roi_aligner(feats, rois), training=True))
-  calibrate_mask_head(model, mask_head, feats, rois)
-  perturb_statistics(model, rng)
-
-
-def calibrate_mask_head(model, mask_head, feats, rois):
-  classes = tf.zeros(rois.shape[:2], tf.int32)
-  calibrate(mask_head,
-            lambda: mask_head([model.mask_roi_aligner(feats, rois), classes], training=True))
-
-
-def outputs(model, images, image_size, cfg, rois, boxes):
-  """Evaluation-mode outputs of the pieces our parity tests compare, as numpy."""
-  out = {}
-  backbone_feats, feats = model._get_backbone_and_decoder_features(images)
-  for l, f in backbone_feats.items():
-    out[f'backbone_{l}'] = f.numpy()
-  for l, f in feats.items():
-    out[f'features_{l}'] = f.numpy()
-  scores, deltas = model.rpn_head(feats)
-  anchors = anchor.Anchor(min_level=cfg.min_level, max_level=cfg.max_level,
-                          num_scales=cfg.anchor.num_scales,
-                          aspect_ratios=cfg.anchor.aspect_ratios,
-                          anchor_size=cfg.anchor.anchor_size,
-                          image_size=(image_size, image_size)).multilevel_boxes
-  for l in scores:
-    out[f'rpn_scores_{l}'] = scores[l].numpy()
-    out[f'rpn_boxes_{l}'] = deltas[l].numpy()
-    out[f'anchors_{l}'] = anchors[l].numpy()
-  image_shape = tf.constant([[image_size, image_size]] * images.shape[0], tf.float32)
-  batched_anchors = {l: tf.tile(a[None], [images.shape[0], 1, 1, 1]) for l, a in anchors.items()}
-  proposals, proposal_scores = model.roi_generator(deltas, scores, batched_anchors, image_shape,
-                                                   training=False)
-  out['proposals'], out['proposal_scores'] = proposals.numpy(), proposal_scores.numpy()
-  # Second stage on fixed ROIs, then the official detection generator.
-  class_outputs, box_outputs = model.detection_head[0](model.roi_aligner(feats, rois))
-  weights = model._cascade_layer_to_weights[0]
-  dets = model.detection_generator(box_outputs, class_outputs, rois, image_shape, weights,
-                                   bbox_per_class=True)
-  out['box_weights'] = np.array(weights, np.float32)
-  out['class_outputs'], out['box_outputs'] = class_outputs.numpy(), box_outputs.numpy()
-  for k in ('detection_boxes', 'detection_scores', 'detection_classes', 'num_detections'):
-    out[k] = dets[k].numpy()
-  out.update(mask_outputs(model, images, feats, boxes))
-  return out
-
-
-def mask_outputs(model, images, feats, boxes):
-  classes = tf.zeros(boxes.shape[:2], tf.int32)
-  logits, probs = model._features_to_mask_outputs(feats, boxes, classes)
-  return {'mask_logits': logits.numpy(), 'mask_probs': probs.numpy(),
-          'mask_probs_call': model.call_images_and_boxes(images, boxes)['detection_masks'].numpy()}
-
-
-def save(model, name, out):
-  tf.train.Checkpoint(model=model).write(os.path.join(OUT, name, 'ckpt'))
-  np.savez(os.path.join(OUT, f'{name}.npz'), **out)
-
-
-def run(name, experiment, overrides):
-  t = time.time()
-  size = overrides['input_size'][0]
-  model, cfg = build(experiment, overrides)
-  log(f'{name}: built in {time.time() - t:.1f} s')
-  rng = np.random.default_rng(0)
-  calib = normalise(INPUTS[f'{name}_calibration_images'])
-  images = normalise(INPUTS[f'{name}_image'])
-  rois = tf.constant(INPUTS[f'{name}_rois'])
-  boxes = tf.constant(INPUTS[f'{name}_boxes'])
-  randomise_and_calibrate(model, model.mask_head, calib, rois, rng)
-  save(model, name, outputs(model, images, size, cfg, rois, boxes))
-  log(f'{name}: done in {time.time() - t:.1f} s')
-  return model, cfg, images, boxes, rois, rng
-
-
-def with_head(model, cfg, images, boxes, rois, rng, convnet_variant):
-  """The same trunk with another DeepMaskHead variant (e.g. 'default': 4 x conv + BN + ReLU)."""
-  mh, na = cfg.mask_head, cfg.norm_activation
-  head = deep_heads.DeepMaskHead(
-      num_classes=cfg.num_classes, upsample_factor=mh.upsample_factor, num_convs=mh.num_convs,
-      num_filters=mh.num_filters, norm_momentum=na.norm_momentum, norm_epsilon=na.norm_epsilon,
-      class_agnostic=mh.class_agnostic, convnet_variant=convnet_variant)
-  other = deep_model.DeepMaskRCNNModel(**dict(model.get_config(), mask_head=head))
-  _, feats = other._get_backbone_and_decoder_features(images)
-  head([other.mask_roi_aligner(feats, rois), tf.zeros(rois.shape[:2], tf.int32)])  # build
-  randomise(head, rng)
-  calibrate_mask_head(other, head, feats, rois)
-  perturb_statistics(head, rng)
-  return other, mask_outputs(other, images, feats, boxes)
-
-
-if 'spinenet' in SPEC:
-  # A narrow SpineNet-49 (the catalogue's spinenet49 at width_multiplier w): official
-  # SCALING_MAP rows are fixed, so the test registers its own row.
-  spinenet.SCALING_MAP['test'] = SPEC['spinenet']['scaling']
-  args = run('spinenet', 'deep_mask_head_rcnn_spinenet_coco', SPEC['spinenet']['overrides'])
-  other, out = with_head(*args, 'default')
-  save(other, 'spinenet_default', out)
-if 'resnetfpn' in SPEC:
-  args = run('resnetfpn', 'deep_mask_head_rcnn_resnetfpn_coco', SPEC['resnetfpn']['overrides'])
-  other, out = with_head(*args, 'hourglass100')  # 6 stages: needs the 32 px crops
-  save(other, 'resnetfpn_hourglass100', out)
-'''
-
-
 @pytest.fixture(scope='module')
 def official(tmp_path_factory) -> pathlib.Path:
-  """Runs the oracle once: OUT/{name}/ckpt* and OUT/{name}.npz for every official model."""
-  assert ORACLE_PYTHON.exists(), (
-      f'official TF Model Garden venv not found at {ORACLE_PYTHON}: run setup.sh (it builds '
-      '.venv-oracle from ../shared/oracle/setup_venv.sh) or set DEEPMARC_ORACLE_PYTHON')
+  """Runs the oracle once: OUT/{name}/ckpt* and OUT/{name}.npz for every official model.
+
+  Only tests marked `oracle` may use it (tests/conftest.py skips them where the venv is missing).
+  """
   out = tmp_path_factory.mktemp('official')
   np.savez(out / 'inputs.npz', **make_inputs())
-  (out / 'oracle.py').write_text(ORACLE_SCRIPT)
   start = time.time()
   result = subprocess.run(
-      [str(ORACLE_PYTHON), str(out / 'oracle.py'), str(out), str(out / 'inputs.npz')],
+      [str(ORACLE_PYTHON), str(REPO / 'oracle' / 'deepmarc_parity.py'), str(out),
+       str(out / 'inputs.npz')],
       capture_output=True, text=True,
       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'CUDA_VISIBLE_DEVICES': ''})
   assert result.returncode == 0, f'oracle failed:\n{result.stderr[-6000:]}'
@@ -437,12 +221,14 @@ def check(name, ours, official, rtol=RTOL):
 # ------------------------------------------------------------------------------------ parity
 
 
+@pytest.mark.oracle
 def test_spinenet_endpoints(spine):
   assert sorted(spine.features) == [3, 4, 5, 6, 7]
   for level, feature in spine.features.items():
     check(f'spinenet L{level}', feature, spine.expected[f'backbone_{level}'])
 
 
+@pytest.mark.oracle
 def test_resnet_endpoints_and_fpn_features(fpn):
   normalised = ((fpn.image.astype(jnp.float32) - jnp.array(mask_rcnn.MEAN_RGB))
                 / jnp.array(mask_rcnn.STDDEV_RGB))
@@ -455,6 +241,7 @@ def test_resnet_endpoints_and_fpn_features(fpn):
     check(f'fpn P{level}', feature, fpn.expected[f'features_{level}'])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('which', ['spine', 'fpn'])
 def test_rpn_outputs_and_anchors(which, request):
   run = request.getfixturevalue(which)
@@ -468,22 +255,23 @@ def test_rpn_outputs_and_anchors(which, request):
           run.expected[f'anchors_{level}'], rtol=1e-6)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('which', ['spine', 'fpn'])
 def test_proposals_on_official_rpn_outputs(which, request):
   """`select_proposals` (keep_degenerate, test-time sizes) on the official RPN outputs vs the
   official MultilevelROIGenerator: identical inputs, so score ties cannot reorder them."""
   run = request.getfixturevalue(which)
   s = run.model.settings
-  assert s.keep_degenerate_proposals and s.test_pre_nms_top_k == PRE_NMS_TOP_K
+  assert s.rpn.keep_degenerate and s.rpn.test_pre_nms_top_k == PRE_NMS_TOP_K
   levels = range(s.min_level, s.max_level + 1)
   logits = {l: jnp.asarray(run.expected[f'rpn_scores_{l}'][0]) for l in levels}
   deltas = {l: jnp.asarray(run.expected[f'rpn_boxes_{l}'][0]) for l in levels}
   anchors = run.apply(lambda m: m.anchors())
   size = float(s.image_size)
   boxes, scores, valid = nms_ops.select_proposals(
-      deltas, logits, anchors, size, size, pre_nms_top_k=s.test_pre_nms_top_k,
-      iou_threshold=s.rpn[3],
-      num_proposals=s.rpn[5], keep_degenerate=True)
+      deltas, logits, anchors, size, size, pre_nms_top_k=s.rpn.test_pre_nms_top_k,
+      iou_threshold=s.rpn.nms_threshold, num_proposals=s.rpn.test_num_proposals,
+      keep_degenerate=True)
   expected = run.expected['proposals'][0]
   degenerate = box_ops.area(expected) == 0
   print(f'{which}: {int(degenerate.sum())} of {len(expected)} official proposals have zero area',
@@ -493,6 +281,7 @@ def test_proposals_on_official_rpn_outputs(which, request):
   check(f'{which} proposal scores', scores, run.expected['proposal_scores'][0], rtol=1e-6)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('which', ['spine', 'fpn'])
 def test_box_head_and_detections_on_fixed_rois(which, request):
   """Box head outputs on given ROIs; then our post-processing (MaskRCNN.detect's after the
@@ -512,7 +301,9 @@ def test_box_head_and_detections_on_fixed_rois(which, request):
   boxes = box_ops.clip_boxes(
       box_ops.decode(official_deltas, run.rois[0, :, None, :], mask_rcnn.BOX_WEIGHTS),
       size, size)
-  pre_nms, threshold, nms_threshold, max_dets = s.detection
+  d = s.detection
+  pre_nms, threshold, nms_threshold, max_dets = (d.pre_nms_top_k, d.score_threshold,
+                                                 d.nms_threshold, d.max_detections)
   dets = nms_ops.class_aware_nms(
       boxes, jax.nn.softmax(official_logits, -1), jnp.ones(boxes.shape[0], bool),
       score_threshold=threshold, pre_nms_top_k=pre_nms, iou_threshold=nms_threshold,
@@ -526,6 +317,7 @@ def test_box_head_and_detections_on_fixed_rois(which, request):
         run.expected['detection_boxes'][0, :num], rtol=1e-6)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize('name, mask_head', [
     ('spinenet', None), ('spinenet_default', 'default'), ('resnetfpn', None),
     ('resnetfpn_hourglass100', 'hourglass100')])
@@ -545,6 +337,7 @@ def test_segment_boxes_masks(official, spine, fpn, name, mask_head):
 # ------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.oracle
 def test_wrong_mask_head_names_both_sides(official):
   config = spinenet_config()
   config.model.mask_head.type = 'default'
@@ -559,6 +352,7 @@ def test_wrong_mask_head_names_both_sides(official):
   assert 'ours params/mask_head/convnet/conv_0/kernel [3, 3, 32, 16]' in message
 
 
+@pytest.mark.oracle
 def test_shape_mismatch_names_both_sides(official):
   config = spinenet_config()
   config.model.num_classes = NUM_CLASSES + 1
@@ -579,8 +373,10 @@ def test_missing_backbone_is_reported(tmp_path):
 # ------------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.oracle
 def test_cli_writes_what_init_from_loads(official, spine, tmp_path):
-  """`python -m deepmarc_jax.convert` -> orbax dir -> `train.load_init_from` of a TrainState."""
+  """`python -m deepmarc_jax.tools.convert_tf_checkpoint` -> orbax dir ->
+  `experiment.load_init_from` of a TrainState."""
   out = tmp_path / 'converted'
   overrides = {
       'data.image_size': SPINE_SIZE, 'model.backbone.type': 'spinenet49',
@@ -590,16 +386,16 @@ def test_cli_writes_what_init_from_loads(official, spine, tmp_path):
       'model.mask_head.num_filters': 16, 'model.mask_head.crop_size': 16,
   }
   result = subprocess.run(
-      [sys.executable, '-m', 'deepmarc_jax.convert',
+      [sys.executable, '-m', 'deepmarc_jax.tools.convert_tf_checkpoint',
        f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}',
        *(f'--config.{k}={v}' for k, v in overrides.items()),
        f'--tf_checkpoint={official / "spinenet"}', f'--out={out}'],
       capture_output=True, text=True, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-6000:]
   zeros = jax.tree_util.tree_map(jnp.zeros_like, spine.variables)
-  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=zeros['params'],
-                           batch_stats=zeros['batch_stats'], opt_state=())
-  state = train.load_init_from(state, str(out))
+  state = experiment.TrainState(step=jnp.zeros([], jnp.int32), params=zeros['params'],
+                                batch_stats=zeros['batch_stats'], opt_state=())
+  state = experiment.load_init_from(state, str(out))
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          {'params': state.params, 'batch_stats': state.batch_stats},
                          spine.variables)

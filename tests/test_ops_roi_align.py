@@ -1,10 +1,10 @@
 """ops/roi_align.py against an explicit-loop numpy reference, the oracle's measured tables,
-the official TF implementation (when its venv exists) and ops/masks.py's paste and crop."""
+the official TF implementation (oracle/roi_align_parity.py, marked `oracle`: skipped where
+.venv-oracle is missing) and ops/masks.py's paste and crop."""
 from __future__ import annotations
 
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,11 +15,8 @@ import pytest
 
 from deepmarc_jax.ops import masks
 from deepmarc_jax.ops import roi_align as ra
-
-# The official TF Model Garden in its own venv: setup.sh builds it (from shared/oracle).
-ORACLE_PYTHON = pathlib.Path(os.environ.get(
-    'DEEPMARC_ORACLE_PYTHON',
-    pathlib.Path(__file__).resolve().parents[1] / '.venv-oracle' / 'bin' / 'python'))
+from tests.conftest import ORACLE_PYTHON
+from tests.conftest import REPO
 
 
 # ------------------------------------------------------------------ explicit-loop reference
@@ -182,31 +179,15 @@ def test_rejects_bad_pyramids():
 
 
 # ------------------------------------------------------------------ official TF oracle
-ORACLE_SCRIPT = """
-import sys
-import numpy as np
-import tensorflow as tf
-from official.vision.ops import spatial_transform_ops as sto
-tf.config.threading.set_intra_op_parallelism_threads(1)
-data = np.load(sys.argv[1])
-features = {k.split('_')[1]: tf.constant(data[k]) for k in data.files if k.startswith('level_')}
-np.savez(sys.argv[2], **{
-    f'out_{s}': sto.multilevel_crop_and_resize(features, tf.constant(data['boxes']), s).numpy()
-    for s in data['sizes']})
-"""
-
-
+@pytest.mark.oracle
 def test_parity_with_official_multilevel_crop_and_resize(tmp_path):
-  assert ORACLE_PYTHON.exists(), (
-      f'official TF Model Garden venv not found at {ORACLE_PYTHON}: run setup.sh (it builds '
-      '.venv-oracle from ../shared/oracle/setup_venv.sh) or set DEEPMARC_ORACLE_PYTHON')
   features, boxes = random_case(seed=4, channels=4, num_random=40)
   sizes = (7, 14)
   np.savez(tmp_path / 'in.npz', boxes=boxes, sizes=np.array(sizes),
            **{f'level_{l}': f for l, f in features.items()})
-  subprocess.run([str(ORACLE_PYTHON), '-c', ORACLE_SCRIPT, tmp_path / 'in.npz',
-                  tmp_path / 'out.npz'], check=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2',
-                                                          'CUDA_VISIBLE_DEVICES': ''})
+  subprocess.run([str(ORACLE_PYTHON), str(REPO / 'oracle' / 'roi_align_parity.py'),
+                  tmp_path / 'in.npz', tmp_path / 'out.npz'], check=True,
+                 env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'CUDA_VISIBLE_DEVICES': ''})
   official = np.load(tmp_path / 'out.npz')
   for size in sizes:
     ours = ra.multilevel_roi_align({l: jnp.asarray(f) for l, f in features.items()},
