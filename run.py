@@ -87,10 +87,11 @@ def main(argv):
     prepare.run(config, _WORKDIR.value)
   else:
     from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+    from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
     try:
       if _MODE.value == 'eval':
         try:
-          train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
+          eval_loop.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
         except FileNotFoundError as e:  # no checkpoint, or not of that step
           _fail(str(e))
       else:

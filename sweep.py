@@ -1,4 +1,4 @@
-r"""Grid sweeps of run.py: `python sweep.py --config=experiments/FILE.py[:arg] --sweep_dir=DIR`.
+r"""Grid sweeps of run.py: `python sweep.py --config=experiments/FILE.py[:arg] [--sweep_dir=DIR]`.
 
 The config file is an experiment file that also defines `get_sweep(arg) -> {field: [values]}`
 (dotted config fields, as in `run.py --config.<field>=<value>`); the grid is their product, first
@@ -42,14 +42,17 @@ import sys
 from absl import app
 from absl import flags
 
-from deepmarc_jax import sweep as sweep_lib
-from deepmarc_jax import sweep_report
-from deepmarc_jax import sweep_runner
+from deepmarc_jax.sweeps import grid as sweep_grid
+from deepmarc_jax.sweeps import report as sweep_report
+from deepmarc_jax.sweeps import runner as sweep_runner
 
 _CONFIG = flags.DEFINE_string(
     'config', None, 'Sweep config: an experiment file with get_config and get_sweep, '
     'e.g. experiments/mask_head_sweep.py[:arg].')
-_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Folder of the cells\' workdirs and report.')
+_SWEEP_DIR = flags.DEFINE_string(
+    'sweep_dir', None, 'Folder of the cells\' workdirs and report. Default: sweeps/NAME in the '
+    'repository (git-ignored), NAME being the config file\'s stem and its arg, e.g. '
+    'sweeps/mask_head_sweep or sweeps/mask_head_sweep_quick.')
 _ONLY = flags.DEFINE_multi_string(
     'only', [], 'FIELD=V1,V2: run only these values of one axis (repeatable, one per axis).')
 _PRINT_COMMANDS = flags.DEFINE_bool(
@@ -63,7 +66,7 @@ _PARALLEL = flags.DEFINE_integer(
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', 'jax_cache', "JAX's persistent compilation cache for the cells run "
     "here, a folder under --sweep_dir; '' turns it off. JAX_COMPILATION_CACHE_DIR wins.")
-flags.mark_flags_as_required(['config', 'sweep_dir'])
+flags.mark_flags_as_required(['config'])
 
 
 def _fail(message: str) -> None:
@@ -71,11 +74,19 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def _write_report(sweep: sweep_lib.Sweep) -> dict:
+def default_sweep_dir(config_flag: str) -> str:
+  """sweeps/<config stem>[_<arg>] in the repository: run outputs stay out of git."""
+  path, arg = sweep_grid.split_config_flag(config_flag)
+  name = os.path.splitext(os.path.basename(path))[0] + (f'_{arg}' if arg else '')
+  return os.path.join(sweep_grid.repo_root(), 'sweeps', name.replace(',', '_'))
+
+
+def _write_report(sweep: sweep_grid.Sweep) -> dict:
   """Writes the report of the whole declared grid; returns write_report's dict."""
-  # Relative to the repository when inside it: reports under results/ are committed.
+  # Relative to the repository when inside it, so that a report copied into docs/ says which
+  # experiment file made it without naming this machine's folders.
   config = sweep.config_flag
-  relative = os.path.relpath(config, sweep_lib.repo_root())
+  relative = os.path.relpath(config, sweep_grid.repo_root())
   if not relative.startswith('..'):
     config = relative
   return sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
@@ -92,13 +103,14 @@ def main(argv):
   except ValueError as e:
     _fail(str(e))
   try:
-    sweep = sweep_lib.load(_CONFIG.value, _SWEEP_DIR.value, _ONLY.value)
+    sweep_dir = _SWEEP_DIR.value or default_sweep_dir(_CONFIG.value)
+    sweep = sweep_grid.load(_CONFIG.value, sweep_dir, _ONLY.value)
   except ValueError as e:
     _fail(str(e))
-  sweep_lib.write_sweep_json(sweep, _ONLY.value)
+  sweep_grid.write_sweep_json(sweep, _ONLY.value)
 
   if _PRINT_COMMANDS.value:
-    print('\n'.join(sweep_lib.command_lines(sweep)))
+    print('\n'.join(sweep_grid.command_lines(sweep)))
     return
   if _REPORT_ONLY.value:
     report = _write_report(sweep)

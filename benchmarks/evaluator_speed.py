@@ -1,4 +1,4 @@
-"""Speed of `deepmarc_jax.evaluate.CocoEvaluator`: adding predictions and COCOeval, per backend.
+"""Speed of `deepmarc_jax.coco_eval.CocoEvaluator`: adding predictions and COCOeval, per backend.
 
 Synthetic ground truth: `--images` images of 640x480 with 3..10 instances each (ellipse polygons
 or boxes, random categories among the 80 COCO ids). Detections, `--dets` per image: every GT
@@ -21,7 +21,7 @@ import time
 import numpy as np
 from pycocotools import mask as mask_util
 
-from deepmarc_jax import evaluate
+from deepmarc_jax.evaluation import coco as coco_eval
 from deepmarc_jax.data.class_splits import COCO_IDS, VOC_IDS
 
 HEIGHT, WIDTH = 480, 640
@@ -102,10 +102,10 @@ def synthetic_predictions(gt: dict, num_dets: int, mask_size: int,
 
 def _numbers(results: dict) -> np.ndarray:
   values = []
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     summary = results[iou_type]
-    values += [summary[name] for name in evaluate.STAT_NAMES]
-    values += [summary[split][name] for split in evaluate.SPLITS for name in evaluate.STAT_NAMES]
+    values += [summary[name] for name in coco_eval.STAT_NAMES]
+    values += [summary[split][name] for split in coco_eval.SPLITS for name in coco_eval.STAT_NAMES]
     values += [summary['per_category'][name] for name in sorted(summary['per_category'])]
   return np.array(values)
 
@@ -125,8 +125,8 @@ def main() -> None:
   for mask_size in args.mask_sizes:
     predictions = synthetic_predictions(gt, args.dets, mask_size, rng)
     results = {}
-    for backend in evaluate.BACKENDS:
-      evaluator = evaluate.CocoEvaluator(gt, seen_ids=VOC_IDS, backend=backend)
+    for backend in coco_eval.BACKENDS:
+      evaluator = coco_eval.CocoEvaluator(gt, seen_ids=VOC_IDS, backend=backend)
       start = time.perf_counter()
       for b in range(0, args.images, args.batch):
         evaluator.add_predictions(**{k: v[b:b + args.batch] for k, v in predictions.items()})
@@ -137,7 +137,7 @@ def main() -> None:
       print(f'm={mask_size:3d}  {backend:16s}  add_predictions {add_seconds * per_1000:7.2f} s  '
             f'evaluate (bbox+segm) {eval_seconds * per_1000:7.2f} s  '
             f'segm AP {results[backend]["segm"]["AP"]:.4f}')
-    a, b = (_numbers(results[backend]) for backend in evaluate.BACKENDS)
+    a, b = (_numbers(results[backend]) for backend in coco_eval.BACKENDS)
     same_nan = np.array_equal(np.isnan(a), np.isnan(b))
     diff = np.nanmax(np.abs(a - b)) if same_nan else math.inf
     print(f'm={mask_size:3d}  max |difference| between backends over {len(a)} numbers: {diff:.2e}')

@@ -54,6 +54,7 @@ import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 from deepmarc_jax import config_lib  # noqa: E402
 from deepmarc_jax import optimizers  # noqa: E402
 from deepmarc_jax import sharding  # noqa: E402
+from deepmarc_jax import experiment  # noqa: E402
 from deepmarc_jax import train  # noqa: E402
 from deepmarc_jax.models import mask_rcnn  # noqa: E402
 from deepmarc_jax.ops import roi_align  # noqa: E402
@@ -116,11 +117,11 @@ def synthetic_batch(config, num_instances: int, seed: int = 0) -> dict[str, np.n
   return batch
 
 
-def experiment(config) -> train.Experiment:
+def make_experiment(config) -> experiment.Experiment:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
-  return train.Experiment(config, mesh, None, mask_rcnn.MaskRCNN.from_config(config), tx, {})
+  return experiment.Experiment(config, mesh, None, mask_rcnn.MaskRCNN.from_config(config), tx, {})
 
 
 def compiled_stats(compiled) -> tuple[float, float]:
@@ -157,12 +158,12 @@ def report(name: str, compile_s: float, step: tuple[float, float], flops: float,
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:5.2f} GiB', flush=True)
 
 
-def bench_train_step(name: str, config, num_instances: int, repeats: int) -> train.Experiment:
-  exp = experiment(config)
+def bench_train_step(name: str, config, num_instances: int, repeats: int) -> experiment.Experiment:
+  exp = make_experiment(config)
   batch = sharding.global_batch(synthetic_batch(config, num_instances), exp.mesh)
   rng = jax.random.key(0)
   step = train.make_train_step(exp)
-  state = train.init_state(exp, rng)
+  state = experiment.init_state(exp, rng)
   start = time.perf_counter()
   lowered = step.lower(state, batch, rng)
   lower_s = time.perf_counter() - start
@@ -181,10 +182,10 @@ def bench_train_step(name: str, config, num_instances: int, repeats: int) -> tra
 
 def bench_detect(config, repeats: int) -> None:
   config.train.batch_size = 1
-  exp = experiment(config)
-  state = train.init_state(exp, jax.random.key(0))
+  exp = make_experiment(config)
+  state = experiment.init_state(exp, jax.random.key(0))
   images = jnp.asarray(synthetic_batch(config, 0)['image'])
-  detect = train.make_detect(exp)
+  detect = experiment.make_detect(exp)
   start = time.perf_counter()
   compiled = detect.lower(state, images).compile()
   compile_s = time.perf_counter() - start
@@ -195,7 +196,7 @@ def bench_detect(config, repeats: int) -> None:
 
 def breakdown(config, num_instances: int, repeats: int) -> None:
   """Forward+backward of the step's parts in isolation, on the same shapes."""
-  exp = experiment(config)
+  exp = make_experiment(config)
   model, s = exp.model, exp.model.settings
   batch = synthetic_batch(config, num_instances)
   variables = jax.jit(lambda r: model.init({'params': r, 'sampling': r}, batch, train=True))(
@@ -219,7 +220,7 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
   images = jnp.asarray(batch['image'])
   features = jax.jit(lambda v, x: model.apply(v, x, False, method=mask_rcnn.MaskRCNN.features))(
       variables, images)
-  rois, mask_boxes = boxes(s.roi_sampler[0]), boxes(min(s.max_train_instances, 128))
+  rois, mask_boxes = boxes(s.roi_sampler.samples_per_image), boxes(min(s.max_train_instances, 128))
   mask_classes = jnp.ones(mask_boxes.shape[:2], jnp.int32)
   parts = {
       'backbone+FPN': (lambda m, x: m.features(x, True), (images,)),
@@ -240,7 +241,7 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
     best, median = run_timed(compiled, lambda args=args: (variables['params'], *args), repeats)
     print(f'  {name:<28s} {best:7.3f} s (median {median:7.3f}) | {flops / 1e9:8.1f} GFLOP = '
           f'{flops / 1e9 / best:6.1f} GFLOP/s | compile {compile_s:5.1f} s', flush=True)
-  for name, size, box in (('ROIAlign box crops', s.box_head[4], rois),
+  for name, size, box in (('ROIAlign box crops', s.box_head.crop_size, rois),
                           ('ROIAlign mask crops', s.mask_crop_size, mask_boxes)):
     channels = jax.tree.leaves(features)[0].shape[-1]  # SpineNet: not fpn_filters
     cot = jnp.ones(box.shape[:2] + (size, size, channels), jnp.float32)

@@ -1,17 +1,26 @@
-"""Checkpointing with orbax: resume first, save every N steps, at the end and on SIGTERM.
+"""Checkpoints with orbax: the train state's, a run's workdir, and converted model variables.
 
-Resume policy (big_vision's): an existing checkpoint in the workdir always wins; otherwise the
-state is freshly initialised (an `init_from` checkpoint would come second). Saves are
-asynchronous; `close()` waits for them.
+Resume policy (big_vision's): an existing checkpoint in the workdir always wins; then the
+variables of `config.init_from` (a converted official model, or an earlier run's); otherwise
+the state is freshly initialised. Saves are asynchronous; `close()` waits for them.
+
+A run's workdir (what run.py writes): `config.json` (the resolved config) and `checkpoints/`
+(one folder per kept step). Converted variables (`save_variables`) are one orbax checkpoint of
+{'params', 'batch_stats'}.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+CHECKPOINTS = 'checkpoints'
+RUN_CONFIG = 'config.json'
 
 
 class Checkpointer:
@@ -81,3 +90,42 @@ class PreemptionFlag:
 def abstract(tree):
   """ShapeDtypeStructs (with shardings) of a pytree of jax.Arrays."""
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def for_workdir(workdir: str, save_every_steps: int = 1) -> Checkpointer:
+  """The Checkpointer of a run's workdir (WORKDIR/checkpoints)."""
+  return Checkpointer(os.path.join(workdir, CHECKPOINTS), save_every_steps=save_every_steps)
+
+
+def kept_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints kept in a run's workdir, ascending ([] if none)."""
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
+    return []
+  ckpt = for_workdir(workdir)
+  try:
+    return ckpt.kept_steps()
+  finally:
+    ckpt.close()
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config that run.py wrote to WORKDIR/config.json."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: not a run.py workdir')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def save_variables(variables: dict, directory: str) -> None:
+  """Writes model variables {'params', 'batch_stats'} as one orbax checkpoint in `directory`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(directory), variables)
+
+
+def load_variables(directory: str, target=None) -> dict:
+  """Reads what `save_variables` wrote; `target` (e.g. abstract arrays with shardings) optional:
+  the arrays are then restored into its shapes, dtypes and shardings (orbax fails on any
+  mismatch)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(directory), target)

@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.mesh = [('data', -1)]
   # {'params', 'batch_stats'} to start training from when the workdir has no checkpoint yet,
-  # e.g. an official checkpoint converted by `python -m deepmarc_jax.convert`.
+  # e.g. an official checkpoint converted by `python -m deepmarc_jax.tools.convert_tf_checkpoint`.
   config.init_from = config_dict.placeholder(str)
   return config
 

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from deepmarc_jax import evaluate
+from deepmarc_jax.evaluation import coco as coco_eval
 from deepmarc_jax import viz
 from deepmarc_jax.data import class_splits
 from deepmarc_jax.data import groundtruth
@@ -59,14 +59,14 @@ def run(config, workdir: str) -> dict:
 
   results = oracle_eval(config, builder, split)
   print('oracle AP (ground truth fed back through the batch contract), %:')
-  print(evaluate.format_table(results))
-  evaluate.write_json(results, os.path.join(workdir, 'oracle_eval.json'))
+  print(coco_eval.format_table(results))
+  coco_eval.write_json(results, os.path.join(workdir, 'oracle_eval.json'))
   return results
 
 
 def oracle_eval(config, builder, split: dict[str, list[int]]) -> dict:
   """AP of the eval batches' own ground truth, mapped back to the original images."""
-  evaluator = evaluate.CocoEvaluator(
+  evaluator = coco_eval.CocoEvaluator(
       groundtruth.coco_groundtruth(builder, config.data.eval_split),
       seen_ids=split['seen'], unseen_ids=split['unseen'],
       mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
@@ -74,7 +74,7 @@ def oracle_eval(config, builder, split: dict[str, list[int]]) -> dict:
   dropped = 0
   for batch in tfds.as_numpy(ds):
     dropped += int(batch['num_dropped_instances'].sum())
-    evaluate.add_gt_box_predictions(evaluator, batch, batch['gt_masks'])
+    coco_eval.add_gt_box_predictions(evaluator, batch, batch['gt_masks'])
   if dropped:
     logging.warning('%d eval instances beyond data.max_instances=%d were dropped (they count '
                     'as misses)', dropped, config.data.max_instances)

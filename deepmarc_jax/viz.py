@@ -1,11 +1,14 @@
-"""Instance overlays as PNG: masks tinted in distinct colours, boxes and labels drawn."""
+"""Instance overlays as PNG: masks tinted in distinct colours, boxes and labels drawn; a model's
+detections drawn on its input image."""
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from deepmarc_jax.ops import masks as mask_ops
 
 
 def palette(n: int) -> np.ndarray:
@@ -54,3 +57,21 @@ def save_grid(images: Sequence[np.ndarray], path: str, cols: int = 4, zoom: int 
     r, c = divmod(i, cols)
     grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
   Image.fromarray(grid).save(path)
+
+
+def draw_detections(image: np.ndarray, dets: Mapping[str, np.ndarray],
+                    categories: Mapping[int, str], seen: Collection[int],
+                    score_threshold: float = 0.5) -> np.ndarray:
+  """One input image [S, S, 3] uint8 with its detections above `score_threshold`.
+
+  dets: one image's boxes [D, 4] (input pixels), scores [D], classes [D], masks [D, m, m]
+  probabilities. Labels are 'name score', with '*' marking unseen (box-only) classes.
+  """
+  size = image.shape[0]
+  keep = np.nonzero((dets['scores'] >= score_threshold) & (dets['classes'] > 0))[0]
+  masks = [mask_ops.paste_box_mask(dets['masks'][k], dets['boxes'][k], size, size)
+           for k in keep]
+  labels = [f'{categories.get(int(dets["classes"][k]), "?")}'
+            f'{"" if int(dets["classes"][k]) in seen else "*"} {dets["scores"][k]:.2f}'
+            for k in keep]
+  return overlay(image, np.asarray(masks).reshape(-1, size, size), dets['boxes'][keep], labels)

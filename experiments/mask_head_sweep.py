@@ -5,12 +5,13 @@ mask head and one crop mode, evaluated on detections and on the ground-truth box
 (`eval.gt_box_masks`: masks from GT boxes, which isolates the mask head). Every head gets the
 same width (`mask_head.num_filters`, 16) and 32 px crops, so depth is what varies.
 
-  python sweep.py --config=experiments/mask_head_sweep.py --sweep_dir=results/mask_heads \
-      --parallel=2
-  python sweep.py --config=experiments/mask_head_sweep.py:quick --sweep_dir=sweeps/quick
+  python sweep.py --config=experiments/mask_head_sweep.py --parallel=2
+  python sweep.py --config=experiments/mask_head_sweep.py:quick
 
-results/ holds the README's sweeps: their cells' evaluations, logs and reports are committed
-(checkpoints and compilation caches are not), so a finished cell survives the machine it ran on.
+Cells train in sweeps/mask_head_sweep[_quick]/<cell> (git-ignored; --sweep_dir to choose).
+
+docs/results/ keeps the reports of the runs that docs/findings.md cites, with each cell's final
+evaluation.
 
 Variants (after ':'):
   (none)  heads {default, resnet4, resnet12, hourglass20, hourglass52} x crops {gt, proposals}
@@ -26,12 +27,11 @@ Variants (after ':'):
           unseen-class AP?
   width   a diagnostic for finding (2): the full grid's default head with GT crops at 16 and 64
           filters (`mask_head.num_filters`) x seeds {0, 1}. At 16 filters the shallow heads
-          underfit even the seen classes of their training images (benchmarks/mask_head_fit.py),
+          underfit even the seen classes of their training images (deepmarc_jax/tools/mask_head_fit.py),
           so depth raised seen AP as much as unseen; does a default head wide enough to fit the
-          seen classes close the unseen gap to hourglass20 too? Its 16-filter cells in
-          results/mask_head_width are copies of the full grid's default GT cells (the same
-          resolved config but for hourglass_bn_momentum, which the default head does not read;
-          their sweep_cell.json says so), so only the 64-filter cells run there.
+          seen classes close the unseen gap to hourglass20 too? Its 16-filter cells are the full
+          grid's default GT cells (the same resolved config but for hourglass_bn_momentum, which
+          the default head does not read): copy them in to run only the 64-filter cells.
 """
 import importlib.util
 import os
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None):
     config.model.mask_head.crop_size = 32
     # A batch of 8 images trains on ~8 (GT crops) to ~24 instances, which hourglass52 halves to
     # 1x1, so its deepest BatchNorms normalised so few values that its gradients exploded and
-    # its detector never trained (benchmarks/mask_head_gradients.py). The running averages make
+    # its detector never trained (deepmarc_jax/tools/mask_head_gradients.py). The running averages make
     # up the values a BatchNorm lacks below 64 per channel (layers.BatchNorm): every other head
     # keeps >= 8x8 per instance, so for them this changes nothing.
     config.model.mask_head.bn_min_count = 64.0

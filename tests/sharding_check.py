@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from deepmarc_jax import optimizers  # noqa: E402
 from deepmarc_jax import sharding  # noqa: E402
+from deepmarc_jax import experiment  # noqa: E402
 from deepmarc_jax import train  # noqa: E402
 from deepmarc_jax.models import mask_rcnn  # noqa: E402
 from tests import tiny  # noqa: E402
@@ -33,10 +34,10 @@ def one_step(devices, noise: float = 0.0):
   config = tiny.config()
   config.train.batch_size = 8
   mesh = sharding.make_mesh([('data', -1)], devices=devices)
-  exp = train.Experiment(config, mesh, None, mask_rcnn.MaskRCNN.from_config(config),
+  exp = experiment.Experiment(config, mesh, None, mask_rcnn.MaskRCNN.from_config(config),
                          optimizers.make_optimizer(config.train.optimizer, 10),
                          {'seen': [1, 2], 'unseen': [8, 10]})
-  state = train.init_state(exp, jax.random.key(0))
+  state = experiment.init_state(exp, jax.random.key(0))
   initial = jax.device_get(state.params)
   if noise:
     state = state.replace(params=jax.tree_util.tree_map(

@@ -1,4 +1,4 @@
-"""Tests of deepmarc_jax.evaluate against direct pycocotools computations and hand-worked cases.
+"""Tests of deepmarc_jax.evaluation.coco against direct pycocotools computations and hand-worked cases.
 
 Real data: the 10 official COCO val2017 images of coco_mini_seg (77 instances, one crowd RLE,
 multi-polygon objects), located beside the checkout in shared/data/.
@@ -18,7 +18,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deepmarc_jax import evaluate
+from deepmarc_jax.evaluation import coco as coco_eval
 from deepmarc_jax.data.class_splits import VOC_IDS
 from deepmarc_jax.ops.masks import crop_mask_to_box, mask_iou, paste_box_mask
 
@@ -75,11 +75,11 @@ def _batches(detections: dict[int, list[tuple]], image_ids: list[int], batch_siz
 def _values(results: dict) -> dict[str, float]:
   """Every number of an evaluate() result, flattened."""
   out = {}
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     summary = results[iou_type]
-    for name in evaluate.STAT_NAMES:
+    for name in coco_eval.STAT_NAMES:
       out[f'{iou_type}/{name}'] = summary[name]
-      for split in evaluate.SPLITS:
+      for split in coco_eval.SPLITS:
         out[f'{iou_type}/{split}/{name}'] = summary[split][name]
     for name, ap in summary['per_category'].items():
       out[f'{iou_type}/per_category/{name}'] = ap
@@ -98,12 +98,12 @@ def _assert_close(actual: dict[str, float], expected: dict[str, float], tol: flo
 def _coco_stats(gt: COCO, results: list[dict], iou_type: str, image_ids, cat_ids=None):
   """Reference: loadRes + COCOeval stats[0:6] (-1 -> NaN), optionally on some categories."""
   dets = _quiet(gt.loadRes, copy.deepcopy(results))
-  coco_eval = COCOeval(gt, dets, iou_type)
-  coco_eval.params.imgIds = list(image_ids)
+  reference = COCOeval(gt, dets, iou_type)
+  reference.params.imgIds = list(image_ids)
   if cat_ids is not None:
-    coco_eval.params.catIds = list(cat_ids)
-  _quiet(lambda: (coco_eval.evaluate(), coco_eval.accumulate(), coco_eval.summarize()))
-  return [math.nan if s == -1 else float(s) for s in coco_eval.stats[:6]]
+    reference.params.catIds = list(cat_ids)
+  _quiet(lambda: (reference.evaluate(), reference.accumulate(), reference.summarize()))
+  return [math.nan if s == -1 else float(s) for s in reference.stats[:6]]
 
 
 def _ground_truth_detections(gt: COCO, mask_size: int) -> dict[int, list[tuple]]:
@@ -118,13 +118,13 @@ def _ground_truth_detections(gt: COCO, mask_size: int) -> dict[int, list[tuple]]
 
 
 def _assert_perfect(results: dict) -> None:
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     summary = results[iou_type]
     for name in ('AP', 'AP50', 'AP75'):
       assert summary[name] == pytest.approx(1.0), (iou_type, name)
     for name in ('APs', 'APm', 'APl'):
       assert math.isnan(summary[name]) or summary[name] == pytest.approx(1.0), (iou_type, name)
-    for split in evaluate.SPLITS:
+    for split in coco_eval.SPLITS:
       assert summary[split]['AP'] == pytest.approx(1.0), (iou_type, split)
     assert all(ap == pytest.approx(1.0) for ap in summary['per_category'].values())
 
@@ -145,9 +145,9 @@ def test_feedback_mask_size_preserves_ground_truth(gt):
   assert len(ious) == 76 and min(ious) > 0.95
 
 
-@pytest.mark.parametrize('backend', evaluate.BACKENDS)
+@pytest.mark.parametrize('backend', coco_eval.BACKENDS)
 def test_ground_truth_box_relative_scores_one(gt, backend):
-  evaluator = evaluate.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend)
+  evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend)
   detections = _ground_truth_detections(gt, FEEDBACK_MASK_SIZE)
   for batch in _batches(detections, sorted(gt.imgs), 4, FEEDBACK_MASK_SIZE):
     evaluator.add_predictions(**batch)
@@ -161,7 +161,7 @@ def test_ground_truth_box_relative_scores_one(gt, backend):
 
 
 def test_ground_truth_full_image_scores_one(gt):
-  evaluator = evaluate.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS)
+  evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS)
   evaluator.add_coco_results(
       {'image_id': a['image_id'], 'category_id': a['category_id'], 'score': 1.0,
        'segmentation': a['segmentation'], 'bbox': a['bbox']}
@@ -218,10 +218,10 @@ def _reference_values(gt: COCO, detections, seen_ids) -> dict[str, float]:
              'unseen/': [c for c in all_ids if c not in seen_ids]}
   with_gt = sorted({a['category_id'] for a in gt.dataset['annotations'] if not a['iscrowd']})
   out = {}
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     for prefix, cat_ids in subsets.items():
       stats = _coco_stats(gt, results[iou_type], iou_type, gt.imgs, cat_ids)
-      out.update({f'{iou_type}/{prefix}{name}': v for name, v in zip(evaluate.STAT_NAMES, stats)})
+      out.update({f'{iou_type}/{prefix}{name}': v for name, v in zip(coco_eval.STAT_NAMES, stats)})
     for cat_id in with_gt:
       ap = _coco_stats(gt, results[iou_type], iou_type, gt.imgs, [cat_id])[0]
       out[f'{iou_type}/per_category/{gt.cats[cat_id]["name"]}'] = ap
@@ -231,8 +231,8 @@ def _reference_values(gt: COCO, detections, seen_ids) -> dict[str, float]:
 @pytest.fixture(scope='module')
 def perturbed_results(gt, perturbed) -> dict[str, dict]:
   out = {}
-  for backend in evaluate.BACKENDS:
-    evaluator = evaluate.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend)
+  for backend in coco_eval.BACKENDS:
+    evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend)
     for batch in _batches(perturbed, sorted(gt.imgs), 3, 28):
       evaluator.add_predictions(**batch)
     out[backend] = evaluator.evaluate()
@@ -263,7 +263,7 @@ def _toy_dataset() -> dict:
 
 
 def test_padding_class_zero_and_images_without_detections():
-  evaluator = evaluate.CocoEvaluator(_toy_dataset())
+  evaluator = coco_eval.CocoEvaluator(_toy_dataset())
   nan = float('nan')
   boxes = np.array([  # image 1: a hit, class 0, y2 < y1, x2 < x1, NaN, NaN score
       [[10, 10, 40, 50], [0, 0, 90, 90], [40, 10, 10, 50], [10, 50, 40, 10], [nan, 10, 40, 50],
@@ -279,7 +279,7 @@ def test_padding_class_zero_and_images_without_detections():
   # Category 'a': 2 GT, one true positive at precision 1 -> recall 0.5: precision 1 at the
   # 51 recall thresholds 0, 0.01, ..., 0.5 and 0 at the other 50, at every IoU threshold.
   # Image 3 received no prediction batch, so category 'b' is not scored at all.
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     summary = results[iou_type]
     for name in ('AP', 'AP50', 'AP75'):
       assert summary[name] == pytest.approx(51 / 101), (iou_type, name)
@@ -292,7 +292,7 @@ def test_padding_class_zero_and_images_without_detections():
 def _two_category_results(**splits) -> dict:
   dataset = _toy_dataset()
   dataset['annotations'][2]['image_id'] = 1  # image 1: 'a' at (10, 10, 40, 30), 'b' at origin
-  evaluator = evaluate.CocoEvaluator(dataset, **splits)
+  evaluator = coco_eval.CocoEvaluator(dataset, **splits)
   boxes = np.array([[[10, 10, 40, 50], [60, 60, 90, 90]]], np.float32)  # 'b' far from its GT
   evaluator.add_predictions(np.array([1]), boxes, np.array([[0.9, 0.8]]), np.array([[1, 2]]),
                             np.ones((1, 2, 16, 16), np.float32))
@@ -303,7 +303,7 @@ def _two_category_results(**splits) -> dict:
 def test_seen_unseen_split(splits):
   results = _two_category_results(**splits)
   assert results['split_ids'] == {'seen': [1], 'unseen': [2]}
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     summary = results[iou_type]
     assert summary['seen']['AP'] == pytest.approx(1.0)
     assert summary['unseen']['AP'] == 0.0
@@ -320,14 +320,14 @@ def test_default_split_all_seen():
 
 def test_overlapping_splits_rejected():
   with pytest.raises(ValueError, match=r'\[1\]'):
-    evaluate.CocoEvaluator(_toy_dataset(), seen_ids=[1], unseen_ids=[1, 2])
+    coco_eval.CocoEvaluator(_toy_dataset(), seen_ids=[1], unseen_ids=[1, 2])
 
 
 def test_no_predictions_scores_zero():
-  evaluator = evaluate.CocoEvaluator(_toy_dataset())
+  evaluator = coco_eval.CocoEvaluator(_toy_dataset())
   results = evaluator.evaluate()
   assert results['num_images'] == 3 and results['num_detections'] == 0
-  for iou_type in evaluate.IOU_TYPES:
+  for iou_type in coco_eval.IOU_TYPES:
     assert results[iou_type]['AP'] == 0.0 and results[iou_type]['seen']['AP'] == 0.0
   evaluator.add_predictions(np.array([2]), np.zeros((1, 1, 4)), np.zeros((1, 1)),
                             np.zeros((1, 1), np.int64), np.zeros((1, 1, 4, 4)))
@@ -357,14 +357,14 @@ def _batch(image_ids=(1,), num_dets=2, mask_size=8) -> dict:
     ({'example_valid': np.ones(2, bool)}, 'example_valid must have shape'),
 ])
 def test_bad_predictions_raise(change, message):
-  evaluator = evaluate.CocoEvaluator(_toy_dataset())
+  evaluator = coco_eval.CocoEvaluator(_toy_dataset())
   with pytest.raises(ValueError, match=message):
     evaluator.add_predictions(**{**_batch(), **change})
   assert not evaluator.results and not evaluator.evaluated_image_ids
 
 
 def test_repeated_image_raises():
-  evaluator = evaluate.CocoEvaluator(_toy_dataset())
+  evaluator = coco_eval.CocoEvaluator(_toy_dataset())
   with pytest.raises(ValueError, match=r'\[1\]'):
     evaluator.add_predictions(**_batch(image_ids=(1, 1)))
   evaluator.add_predictions(**_batch(image_ids=(1,)))
@@ -373,7 +373,7 @@ def test_repeated_image_raises():
 
 
 def test_bad_coco_results_raise():
-  evaluator = evaluate.CocoEvaluator(_toy_dataset())
+  evaluator = coco_eval.CocoEvaluator(_toy_dataset())
   result = {'image_id': 1, 'category_id': 1, 'score': 1.0, 'segmentation': [[0, 0, 5, 0, 5, 5]]}
   with pytest.raises(ValueError, match='777'):
     evaluator.add_coco_results([{**result, 'image_id': 777}])
@@ -397,7 +397,7 @@ def test_paste_to_rle_matches_full_image_paste():
       box = box.astype(np.float32).astype(np.float64)
     mask = rng.random((size, size)) if i % 3 else np.ones((size, size))
     expected = paste_box_mask(mask, box, height, width) >= 0.5
-    rle = evaluate.paste_to_rle(mask, box, height, width, 0.5)
+    rle = coco_eval.paste_to_rle(mask, box, height, width, 0.5)
     assert rle == mask_util.encode(np.asfortranarray(expected.astype(np.uint8))), (i, box)
 
 
@@ -411,23 +411,23 @@ def test_paste_to_rle_matches_full_image_paste():
 def test_window_rle_edge_cases(window, top, left):
   full = np.zeros((37, 53), np.uint8, order='F')
   full[top:top + window.shape[0], left:left + window.shape[1]] = window
-  assert evaluate.window_rle(window, top, left, 37, 53) == mask_util.encode(full)
+  assert coco_eval.window_rle(window, top, left, 37, 53) == mask_util.encode(full)
 
 
 def test_write_json_and_format_table(tmp_path):
   results = _two_category_results()
   path = tmp_path / 'eval' / 'results.json'
-  evaluate.write_json(results, path)
+  coco_eval.write_json(results, path)
   loaded = json.loads(path.read_text())
   assert loaded['segm']['unseen']['AP'] is None
   assert loaded['segm']['seen']['AP'] == pytest.approx(0.5)
   assert loaded['split_ids'] == {'seen': [1, 2], 'unseen': []}
-  lines = evaluate.format_table(results).splitlines()
+  lines = coco_eval.format_table(results).splitlines()
   assert [line.split()[0] for line in lines[1:]] == ['bbox', 'segm']
   assert lines[2].split()[1:] == ['50.00', '50.00', '50.00', '50.00', '-']
-  # With masks from the GT boxes (train.evaluate_model, eval.gt_box_masks): one more row.
+  # With masks from the GT boxes (eval_loop.evaluate_model, eval.gt_box_masks): one more row.
   results['segm_gt_boxes'] = dict(results['segm'], AP=0.25)
-  lines = evaluate.format_table(results).splitlines()
+  lines = coco_eval.format_table(results).splitlines()
   assert [line.split()[0] for line in lines[1:4]] == ['bbox', 'segm', 'segm@GT']
   assert lines[3].split()[1:3] == ['25.00', '50.00']
   assert 'ground-truth boxes' in lines[4]

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from deepmarc_jax.models import catalogue
+from deepmarc_jax.models import layers
 from deepmarc_jax.models import spinenet
 from deepmarc_jax.models.layers import count_params
+from deepmarc_jax.tools import convert_tf_checkpoint
 
 OFFICIAL_COUNTS = {  # (trainable, non-trainable)
     'spinenet49s': (9_089_215, 57_136),
@@ -79,7 +81,7 @@ def test_graph_absorbs_the_unused_block_and_drops_block_16():
 
 def test_keras_names_cover_every_conv_bn():
   spec = catalogue.SPINENETS['spinenet49']
-  mapping = spinenet.keras_names(spec)
+  mapping = convert_tf_checkpoint.spinenet_keras_names(spec)
   params = _abstract_init(spinenet.SpineNet(spec))['params']
   paths = set()
 
@@ -157,7 +159,7 @@ def test_endpoint_shapes_and_bn_paths(tiny):
 def test_initialisation_follows_model_garden():
   # Keras VarianceScaling(): fan_in truncated normal (std sqrt(1 / fan_in), cut at 2 sigma of the
   # underlying normal); BN gamma 1, beta 0, moving mean 0, var 1.
-  block = spinenet.Block('residual', 32, use_projection=True)
+  block = spinenet.ResidualBlock(32, use_projection=True)
   variables = block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)), train=False)
   kernel = variables['params']['conv2']['Conv_0']['kernel']  # 3x3, 32 -> 32
   fan_in = 3 * 3 * kernel.shape[2]
@@ -181,13 +183,13 @@ def test_stochastic_depth_rates():
 
 def test_stochastic_depth_layer_drops_whole_examples():
   x = jnp.ones((4000, 2, 2, 3))
-  y = spinenet.StochasticDepth(0.25).apply({}, x, train=True,
+  y = layers.StochasticDepth(0.25).apply({}, x, train=True,
                                            rngs={'dropout': jax.random.key(0)})
   per_example = np.asarray(y).reshape(4000, -1)
   assert (per_example == per_example[:, :1]).all()  # one decision per example
   np.testing.assert_allclose(np.unique(per_example), [0.0, 1 / 0.75], rtol=1e-6)
   assert per_example[:, 0].mean() == pytest.approx(1.0, abs=0.05)
-  assert (spinenet.StochasticDepth(0.25).apply({}, x, train=False) == x).all()
+  assert (layers.StochasticDepth(0.25).apply({}, x, train=False) == x).all()
 
 
 def test_stochastic_depth_depends_on_the_dropout_rng_in_training(tiny):
@@ -197,7 +199,7 @@ def test_stochastic_depth_depends_on_the_dropout_rng_in_training(tiny):
   np.testing.assert_array_equal(a, a2)
   # Evaluation runs without a 'dropout' rng (test_endpoint_shapes_and_bn_paths), so it cannot
   # depend on one; rate 0 in training needs none either (checked on one block, cheaply).
-  block = spinenet.Block('bottleneck', 4, use_projection=False, stochastic_depth=0.0)
+  block = layers.BottleneckBlock(4, use_projection=False, stochastic_depth=0.0)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
   rng = np.random.default_rng(1)
   variables = jax.tree_util.tree_map_with_path(

@@ -6,8 +6,10 @@ JAX, no training.
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepmarc_jax import sweep as sweep_lib
-from deepmarc_jax import sweep_report
-from deepmarc_jax import sweep_runner
+from deepmarc_jax.sweeps import grid as sweep_grid
+from deepmarc_jax.sweeps import report as sweep_report
+from deepmarc_jax.sweeps import runner as sweep_runner
 from tests.conftest import REPO
 
 FAKE_CONFIG = textwrap.dedent('''\
@@ -98,7 +100,7 @@ def config_path(tmp_path):
 
 def _load(config_path, tmp_path, arg=None, only=()):
   flag = config_path if arg is None else f'{config_path}:{arg}'
-  return sweep_lib.load(flag, str(tmp_path / 'sweep'), only)
+  return sweep_grid.load(flag, str(tmp_path / 'sweep'), only)
 
 
 def _eval_json(seen, unseen, box, gt=None):
@@ -194,7 +196,7 @@ def test_missing_get_sweep(tmp_path):
   path = tmp_path / 'plain.py'
   path.write_text('def get_config(arg=None):\n  return None\n')
   with pytest.raises(ValueError, match='defines no get_sweep'):
-    sweep_lib.load(str(path), str(tmp_path / 'sweep'))
+    sweep_grid.load(str(path), str(tmp_path / 'sweep'))
 
 
 # Finished cells, commands.
@@ -210,7 +212,7 @@ def test_finished_needs_the_final_eval(config_path, tmp_path):
 def test_print_commands(config_path, tmp_path):
   sweep = _load(config_path, tmp_path, only=['seed=0'])
   _finish(sweep, sweep.cells[1])
-  lines = sweep_lib.command_lines(sweep)
+  lines = sweep_grid.command_lines(sweep)
   assert len(lines) == 4 and lines[1] == f'# finished: {sweep.cells[1].name}'
   argv = shlex.split(lines[3])
   assert argv[:4] == [sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
@@ -223,8 +225,8 @@ def test_commands_keep_the_config_arg_and_quote(tmp_path):
   path = tmp_path / 'with space' / 'cfg.py'
   path.parent.mkdir()
   path.write_text(FAKE_CONFIG)
-  sweep = sweep_lib.load(f'{path}:steps', str(tmp_path / 'sweep'))
-  argv = shlex.split(sweep_lib.command_lines(sweep)[0])
+  sweep = sweep_grid.load(f'{path}:steps', str(tmp_path / 'sweep'))
+  argv = shlex.split(sweep_grid.command_lines(sweep)[0])
   assert argv[2] == f'--config={path}:steps' and argv[4] == '--config.train.total_steps=5'
 
 
@@ -256,7 +258,7 @@ def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_
   failed = sweep_runner.run(sweep, runner, after_cell=lambda: reports.append(1),
                             log=messages.append)
   ran = [c for i, c in enumerate(sweep.cells) if i not in (0, 3)]
-  assert [call[0] for call in runner.calls] == [sweep_lib.command(sweep, c) for c in ran]
+  assert [call[0] for call in runner.calls] == [sweep_grid.command(sweep, c) for c in ran]
   assert runner.calls[0][0] == [
       sys.executable, str(REPO / 'run.py'), f'--config={config_path}',
       f'--workdir={sweep.sweep_dir}/{DEFAULT_NAMES[1]}', '--config.model.mask_head.type=default',
@@ -266,11 +268,11 @@ def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_
   assert messages[0] == '2 of 8 cells already finished; 6 to run'
   assert messages[-1].startswith(f'[6/6] end {DEFAULT_NAMES[7]}: ')
   assert messages[-1].endswith('exit status 1, FAILED')
-  record = sweep_lib.read_cell_record(ran[0].workdir(sweep.sweep_dir))
+  record = sweep_grid.read_cell_record(ran[0].workdir(sweep.sweep_dir))
   assert record['returncode'] == 0 and record['command'] == runner.calls[0][0]
   assert record['overrides'] == ran[0].overrides and record['attempts'] == 1
   assert 0 <= record['wall_seconds'] < 5 and record['finished_utc'].endswith('+00:00')
-  assert sweep_lib.read_cell_record(sweep.cells[4].workdir(sweep.sweep_dir))['returncode'] == 1
+  assert sweep_grid.read_cell_record(sweep.cells[4].workdir(sweep.sweep_dir))['returncode'] == 1
   # Re-running runs exactly the failed cells again.
   runner = FakeRunner(sweep, fail=('resnet4',))
   assert sweep_runner.run(sweep, runner, log=messages.append) == DEFAULT_NAMES[4:]
@@ -281,10 +283,10 @@ def test_run_skips_finished_cells_and_continues_after_failures(config_path, tmp_
 def test_resumed_cell_accumulates_wall_time(config_path, tmp_path):
   sweep = _load(config_path, tmp_path, only=['type=default', 'train_crops=gt', 'seed=0'])
   cell = sweep.cells[0]
-  sweep_lib.write_json_atomic({'wall_seconds': 100.0, 'attempts': 1},
+  sweep_grid.write_json_atomic({'wall_seconds': 100.0, 'attempts': 1},
                               os.path.join(cell.workdir(sweep.sweep_dir), 'sweep_cell.json'))
   assert sweep_runner.run(sweep, FakeRunner(sweep), log=lambda _: None) == []
-  record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
+  record = sweep_grid.read_cell_record(cell.workdir(sweep.sweep_dir))
   assert 100.0 <= record['wall_seconds'] < 105 and record['attempts'] == 2
 
 
@@ -296,9 +298,9 @@ def test_interrupted_cell_records_its_time(config_path, tmp_path):
 
   with pytest.raises(KeyboardInterrupt):
     sweep_runner.run(sweep, interrupted, log=lambda _: None)
-  record = sweep_lib.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
+  record = sweep_grid.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
   assert record['returncode'] == -signal.SIGINT and record['wall_seconds'] >= 0
-  assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir)) is None
+  assert sweep_grid.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir)) is None
 
 
 def test_exit_zero_without_final_eval_is_a_failure(config_path, tmp_path):
@@ -320,7 +322,7 @@ def test_run_through_a_real_subprocess(config_path, tmp_path):
   assert sweep.cells[0].finished(sweep.sweep_dir)
   log = open(os.path.join(sweep.cells[0].workdir(sweep.sweep_dir), 'log.txt')).read()
   assert '=== ' in log and "fake run.py ['--config=" in log
-  assert sweep_lib.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir))['returncode'] == 3
+  assert sweep_grid.read_cell_record(sweep.cells[1].workdir(sweep.sweep_dir))['returncode'] == 3
 
 
 def test_share_compilation_cache_defaults_but_never_overrides(tmp_path):
@@ -408,7 +410,7 @@ def test_parallel_runs_at_most_n_cells_at_once_on_disjoint_cpus(config_path, tmp
   assert [m.split(' start ')[1].split()[0] for m in starts] == [c.name for c in sweep.cells]
   assert len([m for m in messages if ' end ' in m]) == 4
   assert all('\n' not in m for m in messages)
-  first = sweep_lib.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
+  first = sweep_grid.read_cell_record(sweep.cells[0].workdir(sweep.sweep_dir))
   assert first['returncode'] == 0 and first['attempts'] == 1
   assert first['cpus'] == (None if spans[sweep.cells[0].name][2] is None
                            else list(spans[sweep.cells[0].name][2]))
@@ -491,7 +493,7 @@ def _assert_stopped_gracefully(sweep, running, messages, returncode, sigint_igno
   for cell in sweep.cells[:running]:
     log = open(os.path.join(cell.workdir(sweep.sweep_dir), 'log.txt')).read()
     assert f'SIGINT ignored: {sigint_ignored}' in log and 'got SIGTERM' in log
-    record = sweep_lib.read_cell_record(cell.workdir(sweep.sweep_dir))
+    record = sweep_grid.read_cell_record(cell.workdir(sweep.sweep_dir))
     assert record['returncode'] == returncode and record['wall_seconds'] > 0
     assert any(m.startswith('[') and f'interrupted {cell.name}' in m for m in messages)
   for cell in sweep.cells[running:]:  # not started
@@ -576,7 +578,7 @@ def reported(config_path, tmp_path):
       seen, unseen, box = seeds[cell.overrides['seed']]
       gt = (seen + 0.1, 0.3) if key[0] == 'resnet4' else None
       _finish(sweep, cell, _eval_json(seen, unseen, box, gt))
-      sweep_lib.write_json_atomic({'wall_seconds': 60.0 * (1 + cell.overrides['seed'])},
+      sweep_grid.write_json_atomic({'wall_seconds': 60.0 * (1 + cell.overrides['seed'])},
                                   os.path.join(cell.workdir(sweep.sweep_dir), 'sweep_cell.json'))
   return sweep, sweep_report.write_report(sweep.sweep_dir, sweep.full_grid, sweep.all_cells,
                                           config=sweep.config_flag, contrasts=sweep.contrasts)
@@ -770,6 +772,23 @@ def test_cli_print_commands_and_report_only(config_path, tmp_path):
   assert not (sweep_dir / DEFAULT_NAMES[1]).exists()  # nothing ran
 
 
+def test_cli_default_sweep_dir_is_the_ignored_sweeps_folder(config_path):
+  """Without --sweep_dir, cells go to REPO/sweeps/<config stem>[_<arg>], which git ignores."""
+  sweep_dir = REPO / 'sweeps' / pathlib.Path(config_path).stem
+  assert not sweep_dir.exists()
+  try:
+    result = _cli(f'--config={config_path}', '--print_commands')
+    assert result.returncode == 0, result.stderr
+    workdirs = [a for line in result.stdout.splitlines() for a in shlex.split(line)
+                if a.startswith('--workdir=')]
+    assert workdirs and all(w.startswith(f'--workdir={sweep_dir}/') for w in workdirs)
+    ignored = subprocess.run(['git', 'check-ignore', '-q', str(sweep_dir / 'sweep.json')],
+                             cwd=REPO, check=False)
+    assert ignored.returncode == 0, f'{sweep_dir} is not git-ignored'
+  finally:
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
 def test_cli_bad_only_fails_with_one_line(config_path, tmp_path):
   result = _cli(f'--config={config_path}', f'--sweep_dir={tmp_path / "sweep"}',
                 '--only=type=hourglass99', '--print_commands')
@@ -796,7 +815,7 @@ def test_cli_rejects_bad_parallel(config_path, tmp_path, parallel, message):
 def test_sweep_modules_do_not_import_jax():
   code = ('import sys; sys.argv = ["sweep.py"]; import importlib.util as u; '
           's = u.spec_from_file_location("cli", "sweep.py"); m = u.module_from_spec(s); '
-          's.loader.exec_module(m); import deepmarc_jax.sweep_report; '
+          's.loader.exec_module(m); import deepmarc_jax.sweeps.report; '
           'print(sorted(k for k in ("jax", "tensorflow", "flax") if k in sys.modules))')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=True)
@@ -811,11 +830,11 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
   from deepmarc_jax.models import catalogue  # pylint: disable=g-import-not-at-top
   path = str(REPO / 'experiments' / 'mask_head_sweep.py')
   flag = path if arg is None else f'{path}:{arg}'
-  sweep = sweep_lib.load(flag, str(tmp_path))
-  module = sweep_lib.load_module(path)
+  sweep = sweep_grid.load(flag, str(tmp_path))
+  module = sweep_grid.load_module(path)
   assert len(sweep.all_cells) == {None: 20, 'quick': 2, 'jitter': 4, 'width': 4}[arg]
   for cell in sweep.all_cells:
-    config = sweep_lib.apply_overrides(module.get_config(arg), cell.overrides)
+    config = sweep_grid.apply_overrides(module.get_config(arg), cell.overrides)
     config_lib.validate(config)
     assert config.eval.gt_box_masks and cell.total_steps == config.train.total_steps
     # The jitter cells are the full grid's GT-crop cells with jittered boxes.
@@ -838,6 +857,6 @@ def test_the_mask_head_sweep_cells_are_valid_configs(tmp_path, arg):
 
 
 def test_the_mask_head_sweep_variants_exclude_each_other():
-  module = sweep_lib.load_module(str(REPO / 'experiments' / 'mask_head_sweep.py'))
+  module = sweep_grid.load_module(str(REPO / 'experiments' / 'mask_head_sweep.py'))
   with pytest.raises(ValueError, match='at most one of quick, jitter, width'):
     module.get_config('quick,jitter')

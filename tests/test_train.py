@@ -107,6 +107,7 @@ def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(tmp_path, s
   import threading  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   # The trainer's SIGTERM handler (what makes the kill below safe) needs the main thread.
   assert threading.current_thread() is threading.main_thread()
@@ -132,11 +133,11 @@ def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(tmp_path, s
   assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
   # `run.py --mode=eval --step=2` scores that kept checkpoint again, to the same figures.
   resumed_eval = json.loads((tmp_path / 'eval_2.json').read_text())
-  again = train.evaluate_checkpoint(config, str(tmp_path), step=2)
+  again = eval_loop.evaluate_checkpoint(config, str(tmp_path), step=2)
   for iou in ('bbox', 'segm'):  # NaN where a 2-step model detects nothing: equal as NaN
     np.testing.assert_equal(again[iou]['AP'], resumed_eval[iou]['AP'])
   with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 3 .* keeps steps \[.*2, 4\]'):
-    train.evaluate_checkpoint(config, str(tmp_path), step=3)
+    eval_loop.evaluate_checkpoint(config, str(tmp_path), step=3)
 
 
 @pytest.mark.slow
@@ -195,17 +196,18 @@ def test_gt_box_mask_ap_scores_the_given_batches_of_any_split(shapes_data_dir):
   images have no masks and would lower recall), an empty one 0."""
   import itertools  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
   from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.config()
   config.data.data_dir = shapes_data_dir
-  exp = train.setup(config)
+  exp = experiment.setup(config)
   split = config.data.train_split
   assert exp.builder.info.splits[split].num_examples > 8
   dataset = pipeline.eval_dataset(config.data, exp.builder, batch_size=8, split=split).take(1)
   batches = list(tfds.as_numpy(dataset))
-  perfect = train.gt_box_mask_ap(exp, None, _perfect_segment(config, dataset),
+  perfect = eval_loop.gt_box_mask_ap(exp, None, _perfect_segment(config, dataset),
                                  batches, split=split)
   assert perfect['AP'] > 0.95
   for half in ('seen', 'unseen'):
@@ -216,7 +218,7 @@ def test_gt_box_mask_ap_scores_the_given_batches_of_any_split(shapes_data_dir):
     m = config.data.mask_size
     return np.zeros(np.asarray(boxes).shape[:2] + (m, m), np.float32)
 
-  empty = train.gt_box_mask_ap(exp, None, empty_segment, itertools.islice(batches, 1),
+  empty = eval_loop.gt_box_mask_ap(exp, None, empty_segment, itertools.islice(batches, 1),
                                split=split)
   assert empty['AP'] == 0.0
 
@@ -226,13 +228,14 @@ def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir
   image's own ground-truth masks: it must score what prepare.oracle_eval scores for the same
   masks (~100 AP, seen and unseen alike), while the empty detector scores 0."""
   from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import experiment  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
   from deepmarc_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.config()
   config.data.data_dir = shapes_data_dir
   config.eval.update(gt_box_masks=True, max_batches=None, batch_size=8)
-  exp = train.setup(config)
+  exp = experiment.setup(config)
   perfect_segment = _perfect_segment(
       config, pipeline.eval_dataset(config.data, exp.builder, batch_size=8))
 
@@ -244,7 +247,7 @@ def test_gt_box_masks_of_a_perfect_mask_head_score_the_oracle_ap(shapes_data_dir
             'classes': np.zeros((len(images), k), np.int32),
             'masks': np.zeros((len(images), k, 8, 8), np.float32)}
 
-  results = train.evaluate_model(exp, None, empty_detect, perfect_segment)
+  results = eval_loop.evaluate_model(exp, None, empty_detect, perfect_segment)
   oracle = prepare.oracle_eval(config, exp.builder, exp.split_ids)['segm']
   from_gt = results['segm_gt_boxes']
   assert from_gt['AP'] == pytest.approx(oracle['AP'], abs=1e-9) and from_gt['AP'] > 0.95
@@ -259,23 +262,24 @@ def test_a_run_is_reopened_from_its_workdir(tmp_path, shapes_data_dir):
   step's state comes back into the same shapes and shardings, the latest by default; a missing
   step or workdir fails naming what is there, and creates nothing."""
   import jax  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import experiment  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.config()
   config.data.data_dir = shapes_data_dir
   (tmp_path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  reread = train.read_run_config(str(tmp_path))
+  reread = checkpoint.read_run_config(str(tmp_path))
   assert reread.to_json_best_effort() == config.to_json_best_effort()  # JSON: tuples are lists
-  exp = train.setup(reread)
-  abstract = train.abstract_state(exp)  # what run.py's init_state fills (resume tests use it)
+  exp = experiment.setup(reread)
+  abstract = experiment.abstract_state(exp)  # what run.py's init_state fills (resume tests use it)
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every_steps=1)
   for step in (3, 5):
     ckpt.save(step, jax.tree_util.tree_map(
         lambda s, v=step: jax.device_put(np.full(s.shape, v, s.dtype), s.sharding), abstract))
   ckpt.close()
-  assert train.kept_checkpoint_steps(str(tmp_path)) == [3, 5]
+  assert checkpoint.kept_steps(str(tmp_path)) == [3, 5]
   for step, expected in ((None, 5), (3, 3)):
-    state = train.restore_checkpoint(exp, str(tmp_path), step)
+    state = experiment.restore_checkpoint(exp, str(tmp_path), step)
     assert int(state.step) == expected
     leaves, abstract_leaves = (jax.tree_util.tree_leaves(t) for t in (state, abstract))
     assert len(leaves) == len(abstract_leaves) > 10
@@ -283,9 +287,9 @@ def test_a_run_is_reopened_from_its_workdir(tmp_path, shapes_data_dir):
       assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
       np.testing.assert_array_equal(got, np.full(want.shape, expected, want.dtype))
   with pytest.raises(FileNotFoundError, match=r'step 4 .*keeps steps \[3, 5\]'):
-    train.restore_checkpoint(exp, str(tmp_path), 4)
+    experiment.restore_checkpoint(exp, str(tmp_path), 4)
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    train.restore_checkpoint(exp, str(tmp_path / 'elsewhere'))
+    experiment.restore_checkpoint(exp, str(tmp_path / 'elsewhere'))
   with pytest.raises(FileNotFoundError, match='not a run.py workdir'):
-    train.read_run_config(str(tmp_path / 'elsewhere'))
+    checkpoint.read_run_config(str(tmp_path / 'elsewhere'))
   assert not (tmp_path / 'elsewhere').exists()

@@ -69,6 +69,56 @@ class ConvBN(nn.Module):
     return self.activation(x) if self.activation is not None else x
 
 
+class StochasticDepth(nn.Module):
+  """Per-example drop of a residual branch [B, ...] with `rate`, kept ones scaled by 1/keep.
+
+  Model Garden's nn_layers.StochasticDepth; train=True with a nonzero rate needs the 'dropout'
+  rng stream.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or not self.rate:
+      return x
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x / jnp.asarray(keep_prob, x.dtype) * keep.astype(x.dtype)
+
+
+class BottleneckBlock(nn.Module):
+  """Model Garden's nn_blocks.BottleneckBlock, as ResNet and SpineNet use it.
+
+  1x1 -> 3x3 (carries the stride) -> 1x1 (4 * filters), each a bias-free ConvBN with Keras
+  VarianceScaling() kernels; `activation` after the first two and after the residual add;
+  optional projection shortcut (strided 1x1 ConvBN) and stochastic depth on the branch.
+  x: [B, H, W, C] -> [B, H / strides, W / strides, 4 * filters]. Sub-modules `shortcut`, `conv1`,
+  `conv2`, `conv3`: the checkpoint converter maps these names.
+  """
+  filters: int
+  strides: int = 1
+  use_projection: bool = False
+  stochastic_depth: float = 0.0
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  norm: NormConfig = NormConfig()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv = functools.partial(ConvBN, norm=self.norm, kernel_init=variance_scaling,
+                             dtype=self.dtype)
+    out_filters = 4 * self.filters
+    shortcut = x
+    if self.use_projection:
+      shortcut = conv(out_filters, 1, self.strides, activation=None, name='shortcut')(x, train)
+    x = conv(self.filters, 1, activation=self.activation, name='conv1')(x, train)
+    x = conv(self.filters, 3, self.strides, activation=self.activation, name='conv2')(x, train)
+    x = conv(out_filters, 1, activation=None, name='conv3')(x, train)
+    x = StochasticDepth(self.stochastic_depth)(x, train)
+    return self.activation(x + shortcut)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, with an optional example mask.
 
@@ -83,7 +133,7 @@ class BatchNorm(nn.Module):
   the missing min_count - count values (pooled mean and variance of the two). Why: a mask head
   trained on a few real instances per batch normalises only that many values per channel where
   its hourglass reaches 1x1; their variance is then tiny and noisy and the gradients explode
-  (benchmarks/mask_head_gradients.py). Batches with count >= min_count are normalised exactly as
+  (deepmarc_jax/tools/mask_head_gradients.py). Batches with count >= min_count are normalised exactly as
   with min_count 0, so a floor below every level's count changes nothing.
   """
   use_running_average: bool

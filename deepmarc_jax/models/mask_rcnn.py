@@ -56,8 +56,52 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
+class AnchorSettings:
+  num_scales: int
+  aspect_ratios: tuple[float, ...]
+  anchor_size: float  # anchor side at each level, in multiples of the level's stride
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNSettings:
+  samples_per_image: int  # anchors sampled for the RPN loss
+  positive_fraction: float
+  pre_nms_top_k: int  # per level, before NMS (training; and inference unless test_ set)
+  nms_threshold: float
+  num_proposals: int  # kept after NMS, training
+  test_num_proposals: int  # kept after NMS, inference
+  test_pre_nms_top_k: int | None = None  # None: pre_nms_top_k
+  keep_degenerate: bool = False  # keep zero-area proposals (Model Garden's ROI generator does)
+
+
+@dataclasses.dataclass(frozen=True)
+class ROISamplerSettings:
+  samples_per_image: int
+  foreground_fraction: float
+  foreground_iou: float  # also the upper IoU bound of background ROIs
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxHeadSettings:
+  num_convs: int
+  num_filters: int
+  num_fcs: int
+  fc_dims: int
+  crop_size: int  # ROIAlign output side
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionSettings:
+  pre_nms_top_k: int
+  score_threshold: float
+  nms_threshold: float
+  max_detections: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
-  """The static numbers of a Mask R-CNN, resolved from `config.model` and `config.data`."""
+  """The static numbers of a Mask R-CNN, resolved from `config.model` and `config.data` by
+  `MaskRCNN.from_config` (config_lib holds every default)."""
   image_size: int
   num_classes: int
   min_level: int
@@ -66,11 +110,11 @@ class Settings:
   stochastic_depth: float
   width_multiplier: float
   fpn_filters: int
-  anchor: tuple  # (num_scales, aspect_ratios, anchor_size)
-  rpn: tuple  # (samples_per_image, positive_fraction, pre_nms_top_k, nms, train, test props)
-  roi_sampler: tuple  # (samples_per_image, foreground_fraction, foreground_iou)
-  detection: tuple  # (pre_nms_top_k, score_threshold, nms_threshold, max_detections)
-  box_head: tuple  # (num_convs, num_filters, num_fcs, fc_dims, crop_size)
+  anchor: AnchorSettings
+  rpn: RPNSettings
+  roi_sampler: ROISamplerSettings
+  detection: DetectionSettings
+  box_head: BoxHeadSettings
   mask_head_type: str
   mask_filters: int
   mask_crop_size: int
@@ -81,8 +125,6 @@ class Settings:
   gt_box_jitter: float = 0.0  # 'gt' crops: random side moves, as a ratio of the box's size
   mask_bn_min_count: float = 0.0  # mask-head BatchNorm: fewest values per channel (layers.py)
   hourglass_bn_momentum: float = 0.1  # the reference's (config_lib: why a CPU run changes it)
-  keep_degenerate_proposals: bool = False  # Model Garden's ROI generator keeps them
-  test_pre_nms_top_k: int | None = None  # RPN pre-NMS top-k at inference (None: rpn[2])
 
 
 class MaskRCNN(nn.Module):
@@ -96,15 +138,21 @@ class MaskRCNN(nn.Module):
         min_level=m.min_level, max_level=m.max_level, backbone=m.backbone.type,
         stochastic_depth=m.backbone.stochastic_depth, width_multiplier=m.width_multiplier,
         fpn_filters=m.fpn_filters,
-        anchor=(m.anchor.num_scales, tuple(m.anchor.aspect_ratios), m.anchor.anchor_size),
-        rpn=(m.rpn.samples_per_image, m.rpn.positive_fraction, m.rpn.pre_nms_top_k,
-             m.rpn.nms_threshold, m.rpn.num_proposals, m.rpn.test_num_proposals),
-        roi_sampler=(m.roi_sampler.samples_per_image, m.roi_sampler.foreground_fraction,
-                     m.roi_sampler.foreground_iou),
-        detection=(m.detection.pre_nms_top_k, m.detection.score_threshold,
-                   m.detection.nms_threshold, m.detection.max_detections),
-        box_head=(m.box_head.num_convs, m.box_head.num_filters, m.box_head.num_fcs,
-                  m.box_head.fc_dims, m.box_head.crop_size),
+        anchor=AnchorSettings(m.anchor.num_scales, tuple(m.anchor.aspect_ratios),
+                              m.anchor.anchor_size),
+        rpn=RPNSettings(
+            samples_per_image=m.rpn.samples_per_image, positive_fraction=m.rpn.positive_fraction,
+            pre_nms_top_k=m.rpn.pre_nms_top_k, nms_threshold=m.rpn.nms_threshold,
+            num_proposals=m.rpn.num_proposals, test_num_proposals=m.rpn.test_num_proposals,
+            test_pre_nms_top_k=m.rpn.get('test_pre_nms_top_k'),
+            keep_degenerate=m.rpn.get('keep_degenerate', False)),
+        roi_sampler=ROISamplerSettings(m.roi_sampler.samples_per_image,
+                                       m.roi_sampler.foreground_fraction,
+                                       m.roi_sampler.foreground_iou),
+        detection=DetectionSettings(m.detection.pre_nms_top_k, m.detection.score_threshold,
+                                    m.detection.nms_threshold, m.detection.max_detections),
+        box_head=BoxHeadSettings(m.box_head.num_convs, m.box_head.num_filters,
+                                 m.box_head.num_fcs, m.box_head.fc_dims, m.box_head.crop_size),
         mask_head_type=m.mask_head.type, mask_filters=m.mask_head.num_filters,
         mask_crop_size=m.mask_head.crop_size, train_crops=m.mask_head.train_crops,
         max_train_instances=m.mask_head.max_train_instances,
@@ -112,9 +160,7 @@ class MaskRCNN(nn.Module):
         mask_bn_min_count=m.mask_head.get('bn_min_count', 0.0),
         hourglass_bn_momentum=m.mask_head.get('hourglass_bn_momentum', 0.1),
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
-        dtype=_DTYPES[m.compute_dtype],
-        keep_degenerate_proposals=m.rpn.get('keep_degenerate', False),
-        test_pre_nms_top_k=m.rpn.get('test_pre_nms_top_k')))
+        dtype=_DTYPES[m.compute_dtype]))
 
   def setup(self):
     s = self.settings
@@ -137,13 +183,13 @@ class MaskRCNN(nn.Module):
       self.decoder = fpn_lib.FPN(min_level=s.min_level, max_level=s.max_level,
                                  num_filters=s.fpn_filters, norm=s.norm, dtype=s.dtype)
       feature_width = s.fpn_filters
-    num_scales, ratios, _ = s.anchor
-    self.rpn_head = rpn_lib.RPNHead(num_anchors=num_scales * len(ratios),
-                                    num_filters=feature_width, norm=s.norm, dtype=s.dtype)
-    num_convs, num_filters, num_fcs, fc_dims, _ = s.box_head
+    num_anchors = s.anchor.num_scales * len(s.anchor.aspect_ratios)
+    self.rpn_head = rpn_lib.RPNHead(num_anchors=num_anchors, num_filters=feature_width,
+                                    norm=s.norm, dtype=s.dtype)
     self.detection_head = roi_heads.DetectionHead(
-        num_classes=s.num_classes, num_convs=num_convs, num_filters=num_filters,
-        num_fcs=num_fcs, fc_dims=fc_dims, norm=s.norm, dtype=s.dtype)
+        num_classes=s.num_classes, num_convs=s.box_head.num_convs,
+        num_filters=s.box_head.num_filters, num_fcs=s.box_head.num_fcs,
+        fc_dims=s.box_head.fc_dims, norm=s.norm, dtype=s.dtype)
     self.mask_head = mask_heads.MaskHead(
         type=s.mask_head_type, num_filters=s.mask_filters,
         norm=dataclasses.replace(s.norm, min_count=s.mask_bn_min_count),
@@ -153,8 +199,8 @@ class MaskRCNN(nn.Module):
 
   def anchors(self) -> dict[int, np.ndarray]:
     s = self.settings
-    num_scales, ratios, size = s.anchor
-    return anchor_ops.multilevel_anchors(s.min_level, s.max_level, num_scales, ratios, size,
+    return anchor_ops.multilevel_anchors(s.min_level, s.max_level, s.anchor.num_scales,
+                                         s.anchor.aspect_ratios, s.anchor.anchor_size,
                                          (s.image_size, s.image_size))
 
   def features(self, images: jax.Array, train: bool) -> dict[int, jax.Array]:
@@ -173,11 +219,13 @@ class MaskRCNN(nn.Module):
     """RPN outputs and proposals [B, P, 4] (stop-gradient), with validity [B, P]."""
     s = self.settings
     scores, deltas = self.rpn_head(features, train=train)
-    num_props = s.rpn[4] if train else s.rpn[5]
-    top_k = s.rpn[2] if train or s.test_pre_nms_top_k is None else s.test_pre_nms_top_k
+    num_props = s.rpn.num_proposals if train else s.rpn.test_num_proposals
+    top_k = s.rpn.pre_nms_top_k
+    if not train and s.rpn.test_pre_nms_top_k is not None:
+      top_k = s.rpn.test_pre_nms_top_k
     select = lambda d, l, h, w: nms_ops.select_proposals(  # noqa: E731
-        d, l, self.anchors(), h, w, pre_nms_top_k=top_k, iou_threshold=s.rpn[3],
-        num_proposals=num_props, keep_degenerate=s.keep_degenerate_proposals)
+        d, l, self.anchors(), h, w, pre_nms_top_k=top_k, iou_threshold=s.rpn.nms_threshold,
+        num_proposals=num_props, keep_degenerate=s.rpn.keep_degenerate)
     boxes, _, valid = jax.vmap(select)(
         jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in deltas.items()}),
         jax.lax.stop_gradient({k: v.astype(jnp.float32) for k, v in scores.items()}),
@@ -187,7 +235,7 @@ class MaskRCNN(nn.Module):
   def box_head(self, features, rois, train: bool, valid=None):
     """ROIs [B, R, 4] -> class logits [B, R, K], box deltas [B, R, K, 4]."""
     batch, num_rois = rois.shape[:2]
-    crops = roi_align.multilevel_roi_align(features, rois, self.settings.box_head[4])
+    crops = roi_align.multilevel_roi_align(features, rois, self.settings.box_head.crop_size)
     crops = crops.reshape((batch * num_rois,) + crops.shape[2:])
     logits, deltas = self.detection_head(
         crops, train=train, mask=None if valid is None else valid.reshape(-1))
@@ -227,8 +275,9 @@ class MaskRCNN(nn.Module):
 
     # Second stage: sample ROIs among proposals + GT, classify and regress.
     sampled = jax.vmap(lambda p, pv, b, c, v, k: matching.sample_rois(
-        p, pv, b, c, v, k, num_samples=s.roi_sampler[0], fg_fraction=s.roi_sampler[1],
-        fg_iou=s.roi_sampler[2], bg_iou_hi=s.roi_sampler[2]))(
+        p, pv, b, c, v, k, num_samples=s.roi_sampler.samples_per_image,
+        fg_fraction=s.roi_sampler.foreground_fraction, fg_iou=s.roi_sampler.foreground_iou,
+        bg_iou_hi=s.roi_sampler.foreground_iou))(
             proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
             jax.random.split(roi_key, batch_size))
     rois = jax.lax.stop_gradient(sampled['rois'])
@@ -256,8 +305,8 @@ class MaskRCNN(nn.Module):
     s = self.settings
     matched, labels = matching.match(box_ops.iou(anchors, gt_boxes), gt_valid, 0.7, 0.3,
                                      allow_low_quality=True)
-    index, sampled_labels, sample_valid = matching.sample_balanced(labels, key, s.rpn[0],
-                                                                   s.rpn[1])
+    index, sampled_labels, sample_valid = matching.sample_balanced(
+        labels, key, s.rpn.samples_per_image, s.rpn.positive_fraction)
     num_anchors = anchors.shape[0]
     out = jnp.full([num_anchors], -1, jnp.int32).at[
         jnp.where(sample_valid, index, num_anchors)].set(sampled_labels, mode='drop')
@@ -316,10 +365,11 @@ class MaskRCNN(nn.Module):
     probs = jax.nn.softmax(class_logits, axis=-1)
     boxes = box_ops.decode(box_deltas, proposals[:, :, None, :], BOX_WEIGHTS)
     boxes = jax.vmap(box_ops.clip_boxes)(boxes, image_hw[:, 0], image_hw[:, 1])
-    pre_nms, threshold, nms_threshold, max_dets = s.detection
+    d = s.detection
     dets = jax.vmap(lambda b, p, v: nms_ops.class_aware_nms(
-        b, p, v, score_threshold=threshold, pre_nms_top_k=pre_nms, iou_threshold=nms_threshold,
-        max_detections=max_dets))(boxes, probs, proposal_valid)
+        b, p, v, score_threshold=d.score_threshold, pre_nms_top_k=d.pre_nms_top_k,
+        iou_threshold=d.nms_threshold, max_detections=d.max_detections))(
+            boxes, probs, proposal_valid)
     masks = self.mask_logits(features, dets['boxes'], dets['classes'], train=False)
     dets['masks'] = jax.nn.sigmoid(masks.astype(jnp.float32))
     return dets

@@ -21,35 +21,12 @@ Parameter names: `stem`, `block_group_l{level}_{i}/{shortcut,conv1,conv2,conv3}`
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepmarc_jax.models import catalogue
-from deepmarc_jax.models.layers import ConvBN, Dtype, NormConfig, variance_scaling
-
-
-class BottleneckBlock(nn.Module):
-  """1x1 -> 3x3 (stride) -> 1x1 (4 * filters) residual block; output [B, H/s, W/s, 4 * filters]."""
-  filters: int
-  strides: int = 1
-  use_projection: bool = False
-  norm: NormConfig = NormConfig()
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(ConvBN, norm=self.norm, kernel_init=variance_scaling,
-                             dtype=self.dtype)
-    shortcut = x
-    if self.use_projection:
-      shortcut = conv(4 * self.filters, 1, self.strides, None, name='shortcut')(x, train)
-    x = conv(self.filters, 1, 1, name='conv1')(x, train)
-    x = conv(self.filters, 3, self.strides, name='conv2')(x, train)
-    x = conv(4 * self.filters, 1, 1, None, name='conv3')(x, train)
-    return nn.relu(x + shortcut)
+from deepmarc_jax.models.layers import BottleneckBlock, ConvBN, Dtype, NormConfig, variance_scaling
 
 
 class ResNet(nn.Module):

@@ -50,7 +50,8 @@ batch_stats `BatchNorm_0/{mean,var}`):
 The per-part parameter breakdown of the oracle (stem / blocks / resampling / endpoints) is the sum
 over the prefixes `stem`, `block_`, `resample_`, `endpoint_`.
 
-Mapping onto the official Keras names (`keras_names` computes it). Keras numbers layers of one
+Mapping onto the official Keras names (`tools/convert_tf_checkpoint.spinenet_keras_names`
+computes it). Keras numbers layers of one
 class in creation order (in a fresh session), and SpineNet creates them in this order: stem conv +
 BN, the stem groups' blocks, then for i = 1..16: resample(input0) convs+BNs, resample(input1)
 convs+BNs, block group i's blocks; finally the endpoint convs+BNs for min..max level. Layers of
@@ -67,7 +68,7 @@ creation order: map by name, not by position.)
 
 Checked once against the oracle (tf-models-official 2.20): a narrow SpineNet (endpoints 16,
 filter_size_scale 0.125, alpha 0.5, 2 repeats) at 128 and 256 px, official weights (random BN
-statistics) copied through `keras_names`: every official variable used once, all shapes equal,
+statistics) copied through that mapping: every official variable used once, all shapes equal,
 evaluation-mode endpoints equal to <= 2e-5. (Training mode agreed only to ~0.02-0.05, the same
 as our own output's change under a 1e-6 input perturbation: batch statistics over 2-16 values
 at levels 6-7 make that tiny random network ill-conditioned.)
@@ -83,7 +84,8 @@ import jax
 import jax.numpy as jnp
 
 from deepmarc_jax.models import catalogue
-from deepmarc_jax.models.layers import ConvBN, Dtype, NormConfig, variance_scaling
+from deepmarc_jax.models.layers import (BottleneckBlock, ConvBN, Dtype, NormConfig,
+                                         StochasticDepth, variance_scaling)
 
 FILTER_SIZE_MAP = {1: 32, 2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
 
@@ -194,31 +196,16 @@ def built_nodes(nodes: tuple[Node, ...], outputs: dict[int, int]) -> frozenset[i
   return frozenset(needed)
 
 
-class StochasticDepth(nn.Module):
-  """Per-example drop of a residual branch [B, ...] with `rate`, kept ones scaled by 1/keep."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if not train or not self.rate:
-      return x
-    keep_prob = 1.0 - self.rate
-    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x / jnp.asarray(keep_prob, x.dtype) * keep.astype(x.dtype)
-
-
 def _conv_bn(norm: NormConfig, dtype: Dtype):
   """ConvBN with SpineNet's settings (Keras VarianceScaling() kernels, bias-free, 'SAME')."""
   return functools.partial(ConvBN, norm=norm, kernel_init=variance_scaling, dtype=dtype)
 
 
-class Block(nn.Module):
-  """nn_blocks.BottleneckBlock (1x1 -> 3x3 -> 1x1, 4x filters out) or ResidualBlock (3x3 -> 3x3).
+class ResidualBlock(nn.Module):
+  """nn_blocks.ResidualBlock as SpineNet uses it: 3x3 -> 3x3, stride 1.
 
-  x: [B, H, W, C] -> [B, H, W, 4 * filters or filters]; stride 1 (SpineNet never strides here).
+  x: [B, H, W, C] -> [B, H, W, filters]. (Its bottleneck nodes use layers.BottleneckBlock.)
   """
-  block_fn: str
   filters: int
   use_projection: bool
   stochastic_depth: float = 0.0
@@ -230,17 +217,11 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     act = _ACTIVATIONS[self.activation]
     conv = _conv_bn(self.norm, self.dtype)
-    out_filters = 4 * self.filters if self.block_fn == 'bottleneck' else self.filters
     shortcut = x
     if self.use_projection:
-      shortcut = conv(out_filters, 1, activation=None, name='shortcut')(x, train)
-    if self.block_fn == 'bottleneck':
-      x = conv(self.filters, 1, activation=act, name='conv1')(x, train)
-      x = conv(self.filters, 3, activation=act, name='conv2')(x, train)
-      x = conv(out_filters, 1, activation=None, name='conv3')(x, train)
-    else:
-      x = conv(self.filters, 3, activation=act, name='conv1')(x, train)
-      x = conv(self.filters, 3, activation=None, name='conv2')(x, train)
+      shortcut = conv(self.filters, 1, activation=None, name='shortcut')(x, train)
+    x = conv(self.filters, 3, activation=act, name='conv1')(x, train)
+    x = conv(self.filters, 3, activation=None, name='conv2')(x, train)
     x = StochasticDepth(self.stochastic_depth)(x, train)
     return act(x + shortcut)
 
@@ -305,14 +286,19 @@ class SpineNet(nn.Module):
                        f'2^{coarsest} = {2**coarsest} (its coarsest level); got {height}x{width}')
     act = _ACTIVATIONS[self.activation]
     rates = stochastic_depth_rates(self.stochastic_depth)
-    block = functools.partial(Block, activation=self.activation, norm=self.norm,
-                              dtype=self.dtype)
 
     def group(x, node, rate, prefix):
       # _block_group: projection only where the channel count changes (strides are always 1).
       for r in range(spec.block_repeats):
-        x = block(node.block_fn, node.filters, r == 0 and x.shape[-1] != node.channels,
-                  rate, name=f'{prefix}_{r}')(x, train)
+        projection = r == 0 and x.shape[-1] != node.channels
+        if node.block_fn == 'bottleneck':
+          block = BottleneckBlock(node.filters, use_projection=projection, stochastic_depth=rate,
+                                  activation=act, norm=self.norm, dtype=self.dtype,
+                                  name=f'{prefix}_{r}')
+        else:
+          block = ResidualBlock(node.filters, projection, rate, self.activation, self.norm,
+                                self.dtype, name=f'{prefix}_{r}')
+        x = block(x, train)
       return x
 
     # Stem: 7x7/2 conv + BN + act + 3x3/2 max pool, then the two level-2 groups.
@@ -355,56 +341,3 @@ def spinenet_from_name(name: str, **kwargs) -> SpineNet:
   if name not in catalogue.SPINENETS:
     raise ValueError(f'unknown SpineNet {name!r}; choose from {sorted(catalogue.SPINENETS)}')
   return SpineNet(catalogue.SPINENETS[name], **kwargs)
-
-
-def keras_names(spec: catalogue.SpineNetSpec, min_level: int = 3, max_level: int = 7
-                ) -> dict[str, tuple[str, str]]:
-  """{our ConvBN path: (Keras conv layer name, Keras BN layer name)} for a fresh Keras session.
-
-  Paths are '/'-joined flax module names ('stem', 'block_3_0/conv1', 'resample_5_1/downsample');
-  Keras names are top-level ('conv2d_7') or block-scoped ('bottleneck_block_2/conv2d_1').
-  """
-  nodes = build_graph(spec.filter_size_scale)
-  outputs = output_nodes(min_level, max_level)
-  built = built_nodes(nodes, outputs)
-  counters = {'conv2d': 0, 'bottleneck_block': 0, 'residual_block': 0}
-  mapping = {}
-
-  def unique(kind):
-    n = counters[kind]
-    counters[kind] += 1
-    return kind if n == 0 else f'{kind}_{n}'
-
-  def top_level(path, keep):
-    conv = unique('conv2d')  # every Keras Conv2D here is followed by its own BN
-    if keep:
-      mapping[path] = (conv, conv.replace('conv2d', 'batch_normalization'))
-
-  def blocks(prefix, node, in_channels, keep):
-    for r in range(spec.block_repeats):
-      scope = unique(f'{node.block_fn}_block')
-      convs = ['conv1', 'conv2'] + (['conv3'] if node.block_fn == 'bottleneck' else [])
-      if r == 0 and in_channels != node.channels:
-        convs.insert(0, 'shortcut')
-      for n, c in enumerate(convs):
-        suffix = '' if n == 0 else f'_{n}'
-        if keep:
-          mapping[f'{prefix}_{r}/{c}'] = (f'{scope}/conv2d{suffix}',
-                                          f'{scope}/batch_normalization{suffix}')
-
-  top_level('stem', True)
-  in_channels = 64
-  for g in range(NUM_INIT_BLOCKS):
-    blocks(f'stem_block_{g + 1}', nodes[g], in_channels, True)
-    in_channels = nodes[g].channels
-  for i in range(1, len(nodes) - NUM_INIT_BLOCKS + 1):
-    j = i + NUM_INIT_BLOCKS - 1
-    node, keep = nodes[j], j in built
-    for k, p in enumerate(node.parents[:2]):
-      convs = ['conv_in'] + (['downsample'] if node.level > nodes[p].level else []) + ['conv_out']
-      for c in convs:
-        top_level(f'resample_{i}_{k}/{c}', keep)
-    blocks(f'block_{i}', node, node.channels, keep)  # fused input already has the block width
-  for level in outputs:
-    top_level(f'endpoint_{level}', True)
-  return mapping

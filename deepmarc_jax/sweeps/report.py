@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from deepmarc_jax import sweep as sweep_lib
+from deepmarc_jax.sweeps import grid as sweep_grid
 
 REPORT_MD = 'report.md'
 REPORT_PNG = 'report.png'
@@ -78,7 +78,7 @@ class Row:
     by_step: {step: {metric name: fraction, NaN or None as in `metrics`}} for every readable
       eval_<step>.json in the workdir up to the final one, the final one included.
   """
-  cell: sweep_lib.Cell
+  cell: sweep_grid.Cell
   metrics: dict[str, float | None]
   has_gt_boxes: bool
   wall_minutes: float
@@ -181,7 +181,7 @@ def _eval_steps(workdir: str, last_step: int) -> list[int]:
   return sorted(steps)
 
 
-def collect(sweep_dir: str, cells: Sequence[sweep_lib.Cell]) -> list[Row]:
+def collect(sweep_dir: str, cells: Sequence[sweep_grid.Cell]) -> list[Row]:
   """Returns a Row per finished cell with a readable eval JSON, in the order of `cells`."""
   rows = []
   for cell in cells:
@@ -197,7 +197,7 @@ def collect(sweep_dir: str, cells: Sequence[sweep_lib.Cell]) -> list[Row]:
           os.path.join(workdir, f'eval_{step}.json'))
       if earlier is not None:
         by_step[step] = _metrics_of(earlier)
-    record = sweep_lib.read_cell_record(workdir) or {}
+    record = sweep_grid.read_cell_record(workdir) or {}
     wall = record.get('wall_seconds')
     rows.append(Row(cell, _metrics_of(results), GT_BOXES in results,
                     math.nan if wall is None else float(wall) / 60, by_step))
@@ -216,7 +216,7 @@ def summarize(values: Sequence[float | None]) -> Stat:
 
 def non_seed_fields(grid: Mapping[str, Sequence[Any]]) -> list[str]:
   """Returns the grid's axes other than the seed (replicate) axes, in grid order."""
-  return [f for f in grid if not sweep_lib.is_seed_axis(f)]
+  return [f for f in grid if not sweep_grid.is_seed_axis(f)]
 
 
 def aggregate(rows: Sequence[Row], grid: Mapping[str, Sequence[Any]]) -> list[Group]:
@@ -298,7 +298,7 @@ def format_stat(stat: Stat, scale: float = 100.0, signed: bool = False) -> str:
 
 
 def markdown(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
-             cells: Sequence[sweep_lib.Cell], rows: Sequence[Row], groups: Sequence[Group],
+             cells: Sequence[sweep_grid.Cell], rows: Sequence[Row], groups: Sequence[Group],
              config: str | None = None, diffs: Sequence[Difference] = ()) -> str:
   """Returns the text of report.md."""
   finished = {r.cell.name for r in rows}
@@ -325,7 +325,7 @@ def _difference_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
   """Returns the lines of the paired-difference tables, one per contrasted axis."""
   if not diffs:
     return []
-  labels = sweep_lib.axis_labels(list(grid))
+  labels = sweep_grid.axis_labels(list(grid))
   metrics = metrics_shown(rows)
   lines = ['', '## Paired differences', '',
            'Each row: the cells with the first column\'s value minus the baseline\'s cells in '
@@ -352,7 +352,7 @@ def _curve_tables(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
   if len(steps) < 2:
     return []
   fields = non_seed_fields(grid)
-  labels = sweep_lib.axis_labels(list(grid))
+  labels = sweep_grid.axis_labels(list(grid))
   shown = {m.name for m in metrics_shown(rows)}
   no_value = summarize([])
   lines = ['', '## By evaluation step', '',
@@ -373,7 +373,7 @@ def _table(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
            groups: Sequence[Group]) -> list[str]:
   """Returns the lines of the Markdown table."""
   fields = non_seed_fields(grid)
-  labels = sweep_lib.axis_labels(list(grid))
+  labels = sweep_grid.axis_labels(list(grid))
   metrics = metrics_shown(rows)
   with_wall = any(g.wall_minutes.count for g in groups)
   header = [labels[f] for f in fields] + ['n'] + [f'{m.name} (%)' for m in metrics]
@@ -392,7 +392,7 @@ def _table(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
 def _explanation(grid: Mapping[str, Sequence[Any]], rows: Sequence[Row],
                  groups: Sequence[Group]) -> str:
   """Returns the note under the table: what the numbers and ± mean."""
-  seeds = [f for f in grid if sweep_lib.is_seed_axis(f)]
+  seeds = [f for f in grid if sweep_grid.is_seed_axis(f)]
   over = f' over {", ".join(f"`{s}`" for s in seeds)}' if seeds else ''
   text = ('COCO AP in percent of each cell\'s final evaluation (eval_<train.total_steps>.json); '
           f'n = the number of finished cells averaged{over}. "a ± b" = mean ± sample standard '
@@ -415,7 +415,7 @@ def plot(path: str, title: str, grid: Mapping[str, Sequence[Any]], rows: Sequenc
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   fields = non_seed_fields(grid)
-  labels = sweep_lib.axis_labels(list(grid))
+  labels = sweep_grid.axis_labels(list(grid))
   x_field, line_fields = (fields[0], fields[1:]) if fields else (None, [])
   x_values = [str(v) for v in grid[x_field]] if x_field else ['all']
   line_keys = list(itertools.product(*(grid[f] for f in line_fields)))
@@ -464,7 +464,7 @@ def _line(groups: Sequence[Group], x_field: str | None, x_values: Sequence[str],
 
 
 def write_report(sweep_dir: str, grid: Mapping[str, Sequence[Any]],
-                 cells: Sequence[sweep_lib.Cell], config: str | None = None,
+                 cells: Sequence[sweep_grid.Cell], config: str | None = None,
                  contrasts: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes report.md (always) and report.png (when a cell finished) in the sweep dir.
 

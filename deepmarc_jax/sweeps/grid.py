@@ -20,7 +20,7 @@ Conventions:
   * SWEEP_DIR/sweep.json records the loaded sweep (`write_sweep_json`), and each cell's
     sweep_cell.json its runs (`record_cell`).
 
-deepmarc_jax/sweep_runner.py runs the cells. No JAX or TensorFlow here: listing, printing and
+deepmarc_jax/sweeps/runner.py runs the cells. No JAX or TensorFlow here: listing, printing and
 reporting a sweep stay fast.
 """
 from __future__ import annotations
@@ -317,7 +317,7 @@ def run_py_path() -> str:
 
 def repo_root() -> str:
   """Returns the repository root (the folder holding run.py and sweep.py)."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def command(sweep: Sweep, cell: Cell, python: str | None = None,

@@ -1,6 +1,6 @@
 r"""Does a mask head fit its training masks? Mask AP from GT boxes on training images vs eval images.
 
-  .venv/bin/python benchmarks/mask_head_fit.py --workdir=results/mask_heads/CELL [--step=3000]
+  .venv/bin/python -m deepmarc_jax.tools.mask_head_fit --workdir=sweeps/mask_head_sweep/CELL [--step=3000]
       [--images=200]
 
 For a run's checkpoint (default its latest), the mask AP (seen / unseen, %) of masks predicted
@@ -29,7 +29,9 @@ xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from deepmarc_jax import train  # noqa: E402
+from deepmarc_jax import checkpoint  # noqa: E402
+from deepmarc_jax import experiment  # noqa: E402
+from deepmarc_jax.evaluation import loop as eval_loop  # noqa: E402
 from deepmarc_jax.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
@@ -41,17 +43,17 @@ _IMAGES = flags.DEFINE_integer('images', 200, 'images of each split to score')
 def main(argv):
   del argv
   workdir = _WORKDIR.value
-  config = train.read_run_config(workdir)
-  exp = train.setup(config)
-  state = train.restore_checkpoint(exp, workdir, _STEP.value)
+  config = checkpoint.read_run_config(workdir)
+  exp = experiment.setup(config)
+  state = experiment.restore_checkpoint(exp, workdir, _STEP.value)
   step = int(state.step)
-  segment = train.make_segment_boxes(exp)
+  segment = experiment.make_segment_boxes(exp)
   batch_size = config.eval.batch_size
   print(f'{workdir}, step {step}: mask AP from GT boxes (%), first {_IMAGES.value} images')
   for split in (config.data.train_split, config.data.eval_split):
     ds = pipeline.eval_dataset(config.data, exp.builder, batch_size=batch_size, split=split)
     batches = itertools.islice(tfds.as_numpy(ds), -(-_IMAGES.value // batch_size))
-    stats = train.gt_box_mask_ap(exp, state, segment, batches, split=split)
+    stats = eval_loop.gt_box_mask_ap(exp, state, segment, batches, split=split)
     print(f'{split:<12} seen {100 * stats["seen"]["AP"]:5.1f}  unseen '
           f'{100 * stats["unseen"]["AP"]:5.1f}', flush=True)
 

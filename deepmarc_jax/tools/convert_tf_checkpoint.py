@@ -7,7 +7,7 @@ SpineNet (identity decoder) or ResNet + FPN backbones, the RPN head, one (non-ca
 detection head, and a class-agnostic `DeepMaskHead` with any convnet_variant ('default',
 'hourglass20/52/100'; the mapping is generic over hourglass depths).
 
-  python -m deepmarc_jax.convert --config=experiments/deepmarc_spinenet.py \
+  python -m deepmarc_jax.tools.convert_tf_checkpoint --config=experiments/deepmarc_spinenet.py \
       --tf_checkpoint=/path/to/ckpt-231000 --out=/path/to/converted
   python run.py --config=experiments/deepmarc_spinenet.py --workdir=W \
       --config.init_from=/path/to/converted   # start training (or fine-tuning) from it
@@ -22,7 +22,7 @@ How names are matched (never by list position):
   `rpn_head/_norms/1/0/gamma` -> `rpn_head/norm_4_0/scale` (level = min_level + 1).
 * The functional backbone / FPN by the Keras variable names recorded in the checkpoint
   (`full_name`, e.g. `bottleneck_block_2/conv2d_1/kernel`): SpineNet through
-  `spinenet.keras_names`, ResNet through `resnet_keras_names`, FPN layers by their explicit names
+  `spinenet_keras_names`, ResNet through `resnet_keras_names`, FPN layers by their explicit names
   (`lateral_3`, `post_hoc_3`, `coarser_6`, `norm_3`, as ours). Keras numbers auto-named layers
   per session, so a backbone built after other layers has shifted suffixes: the offset of each
   layer class (conv2d, batch_normalization, bottleneck_block, residual_block) is measured from
@@ -47,6 +47,7 @@ import flax
 import jax
 import numpy as np
 
+from deepmarc_jax import checkpoint
 from deepmarc_jax.models import catalogue
 from deepmarc_jax.models import mask_rcnn
 from deepmarc_jax.models import spinenet as spinenet_lib
@@ -267,6 +268,59 @@ def mask_head_key(path: str) -> str:
   raise _Unmapped(path)
 
 
+def spinenet_keras_names(spec: catalogue.SpineNetSpec, min_level: int = 3, max_level: int = 7
+                         ) -> dict[str, tuple[str, str]]:
+  """{our ConvBN path: (Keras conv layer name, Keras BN layer name)} for a fresh Keras session.
+
+  Paths are '/'-joined flax module names ('stem', 'block_3_0/conv1', 'resample_5_1/downsample');
+  Keras names are top-level ('conv2d_7') or block-scoped ('bottleneck_block_2/conv2d_1').
+  """
+  nodes = spinenet_lib.build_graph(spec.filter_size_scale)
+  outputs = spinenet_lib.output_nodes(min_level, max_level)
+  built = spinenet_lib.built_nodes(nodes, outputs)
+  counters = {'conv2d': 0, 'bottleneck_block': 0, 'residual_block': 0}
+  mapping = {}
+
+  def unique(kind):
+    n = counters[kind]
+    counters[kind] += 1
+    return kind if n == 0 else f'{kind}_{n}'
+
+  def top_level(path, keep):
+    conv = unique('conv2d')  # every Keras Conv2D here is followed by its own BN
+    if keep:
+      mapping[path] = (conv, conv.replace('conv2d', 'batch_normalization'))
+
+  def blocks(prefix, node, in_channels, keep):
+    for r in range(spec.block_repeats):
+      scope = unique(f'{node.block_fn}_block')
+      convs = ['conv1', 'conv2'] + (['conv3'] if node.block_fn == 'bottleneck' else [])
+      if r == 0 and in_channels != node.channels:
+        convs.insert(0, 'shortcut')
+      for n, c in enumerate(convs):
+        suffix = '' if n == 0 else f'_{n}'
+        if keep:
+          mapping[f'{prefix}_{r}/{c}'] = (f'{scope}/conv2d{suffix}',
+                                          f'{scope}/batch_normalization{suffix}')
+
+  top_level('stem', True)
+  in_channels = 64
+  for g in range(spinenet_lib.NUM_INIT_BLOCKS):
+    blocks(f'stem_block_{g + 1}', nodes[g], in_channels, True)
+    in_channels = nodes[g].channels
+  for i in range(1, len(nodes) - spinenet_lib.NUM_INIT_BLOCKS + 1):
+    j = i + spinenet_lib.NUM_INIT_BLOCKS - 1
+    node, keep = nodes[j], j in built
+    for k, p in enumerate(node.parents[:2]):
+      convs = ['conv_in'] + (['downsample'] if node.level > nodes[p].level else []) + ['conv_out']
+      for c in convs:
+        top_level(f'resample_{i}_{k}/{c}', keep)
+    blocks(f'block_{i}', node, node.channels, keep)  # fused input already has the block width
+  for level in outputs:
+    top_level(f'endpoint_{level}', True)
+  return mapping
+
+
 def resnet_keras_names(depth: int) -> dict[str, tuple[str, str]]:
   """{our ConvBN path: (Keras conv layer, Keras BN layer)} of Model Garden's ResNet (fresh session).
 
@@ -356,7 +410,7 @@ def backbone_layers(settings: mask_rcnn.Settings) -> dict[str, str]:
   """{fresh-session Keras layer name: our module path under 'backbone'} for the config."""
   if settings.backbone in catalogue.SPINENETS:
     spec = spinenet_scaled_spec(settings)
-    return _conv_bn_layers(spinenet_lib.keras_names(spec, settings.min_level,
+    return _conv_bn_layers(spinenet_keras_names(spec, settings.min_level,
                                                     settings.max_level))
   return _conv_bn_layers(resnet_keras_names(int(settings.backbone[len('resnet'):])))
 
@@ -492,20 +546,6 @@ def convert_checkpoint(tf_checkpoint_path: str, config) -> dict:
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
-def save_variables(variables: dict, directory: str) -> None:
-  """Writes {'params', 'batch_stats'} with orbax (StandardCheckpointer) into `directory`."""
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(directory), variables)
-
-
-def load_variables(directory: str, target=None) -> dict:
-  """Reads what `save_variables` wrote; `target` (e.g. abstract arrays with shardings) optional."""
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(directory), target)
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -517,7 +557,7 @@ def main(argv) -> None:
   config = flags.FLAGS.config
   config_lib.validate(config)
   variables = convert_checkpoint(flags.FLAGS.tf_checkpoint, config)
-  save_variables(variables, flags.FLAGS.out)
+  checkpoint.save_variables(variables, flags.FLAGS.out)
   counts = {k: sum(x.size for x in jax.tree_util.tree_leaves(v)) for k, v in variables.items()}
   print(f'wrote {flags.FLAGS.out} ({counts} values); train from it with '
         f'--config.init_from={os.path.abspath(flags.FLAGS.out)}', flush=True)

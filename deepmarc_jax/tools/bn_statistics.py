@@ -1,7 +1,7 @@
 r"""Mask AP from GT boxes of a run's checkpoints: as saved, and with BatchNorm statistics
 re-estimated from training batches.
 
-  .venv/bin/python benchmarks/bn_statistics.py --workdir=results/mask_heads/CELL \
+  .venv/bin/python -m deepmarc_jax.tools.bn_statistics --workdir=sweeps/mask_head_sweep/CELL \
       [--steps=2000,2500,3000] [--batches=60] [--hourglass_bn_momentum=0.9]
 
 For each checkpoint step: the evaluation split's mask AP from ground-truth boxes (seen / unseen,
@@ -32,7 +32,10 @@ xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
 import jax  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from deepmarc_jax import sharding, train  # noqa: E402
+from deepmarc_jax import checkpoint  # noqa: E402
+from deepmarc_jax import experiment  # noqa: E402
+from deepmarc_jax import sharding  # noqa: E402
+from deepmarc_jax.evaluation import loop as eval_loop  # noqa: E402
 from deepmarc_jax.data import pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run.py workdir with config.json and '
@@ -46,13 +49,13 @@ _MOMENTUM = flags.DEFINE_float('hourglass_bn_momentum', 0.9,
 def main(argv):
   del argv
   workdir = _WORKDIR.value
-  config = train.read_run_config(workdir)
+  config = checkpoint.read_run_config(workdir)
   config.model.mask_head.hourglass_bn_momentum = _MOMENTUM.value
-  exp = train.setup(config)
-  steps = [int(s) for s in _STEPS.value] if _STEPS.value else train.kept_checkpoint_steps(workdir)
+  exp = experiment.setup(config)
+  steps = [int(s) for s in _STEPS.value] if _STEPS.value else checkpoint.kept_steps(workdir)
   if not steps:
     raise SystemExit(f'no checkpoints in {workdir}/checkpoints')
-  segment = train.make_segment_boxes(exp)
+  segment = experiment.make_segment_boxes(exp)
   eval_batches = list(tfds.as_numpy(pipeline.eval_dataset(
       config.data, exp.builder, batch_size=config.eval.batch_size)))
 
@@ -69,8 +72,8 @@ def main(argv):
 
   print(f'{workdir}: mask AP from GT boxes (%)')
   for step in sorted(steps):
-    state = train.restore_checkpoint(exp, workdir, step)
-    line(step, 'as saved', train.gt_box_mask_ap(exp, state, segment, eval_batches))
+    state = experiment.restore_checkpoint(exp, workdir, step)
+    line(step, 'as saved', eval_loop.gt_box_mask_ap(exp, state, segment, eval_batches))
     batches = iter(tfds.as_numpy(pipeline.train_dataset(
         config.data, exp.builder, batch_size=config.train.batch_size, seed=config.seed,
         start_step=step)))
@@ -78,7 +81,7 @@ def main(argv):
       batch = sharding.global_batch(next(batches), exp.mesh)
       state = refresh(state, batch, jax.random.fold_in(jax.random.key(config.seed), i))
     line(step, f'statistics re-estimated over {_BATCHES.value} batches',
-         train.gt_box_mask_ap(exp, state, segment, eval_batches))
+         eval_loop.gt_box_mask_ap(exp, state, segment, eval_batches))
 
 
 if __name__ == '__main__':

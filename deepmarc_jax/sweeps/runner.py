@@ -1,6 +1,6 @@
 """Runs a sweep's cells: each as a run.py subprocess, one after another or several at a time.
 
-`run` runs the unfinished cells of a loaded sweep (`deepmarc_jax/sweep.py` defines the grid, the
+`run` runs the unfinished cells of a loaded sweep (`deepmarc_jax/sweeps/grid.py` defines the grid, the
 cells, their commands and their sweep_cell.json records), each as a subprocess appending to its
 workdir's log.txt, and records every cell that ran. A failed cell does not stop the sweep.
 
@@ -35,7 +35,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from concurrent import futures
 from typing import Any
 
-from deepmarc_jax import sweep as sweep_lib
+from deepmarc_jax.sweeps import grid as sweep_grid
 
 # Seconds the parallel runner waits after SIGTERM for interrupted cells to checkpoint and exit
 # (run.py stops at its next step, which can follow an evaluation) before it kills them.
@@ -162,7 +162,7 @@ def run_subprocess(argv: Sequence[str], cwd: str, log_path: str,
   on_main_thread = threading.current_thread() is threading.main_thread()
   with open(log_path, 'a') as log:
     pinned = '' if cpus is None else f' (cpus {_cpus_text(cpus)})'
-    log.write(f'\n=== {sweep_lib.utc_now()} sweep{pinned}: {shlex.join(argv)}\n')
+    log.write(f'\n=== {sweep_grid.utc_now()} sweep{pinned}: {shlex.join(argv)}\n')
     log.flush()
     with subprocess.Popen(list(argv), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                           preexec_fn=_child_setup(cpus, not on_main_thread)) as process:
@@ -260,10 +260,10 @@ def share_compilation_cache(cache_dir: str, environ: MutableMapping[str, str] = 
   return environ.get(CACHE_ENV, '')
 
 
-def _finish_cell(sweep: sweep_lib.Sweep, cell: sweep_lib.Cell, argv: Sequence[str], wall: float,
+def _finish_cell(sweep: sweep_grid.Sweep, cell: sweep_grid.Cell, argv: Sequence[str], wall: float,
                  returncode: int, cpus: Sequence[int] | None) -> tuple[bool, str]:
   """Records a cell that ran; returns (whether it failed, its status text for the end line)."""
-  sweep_lib.record_cell(sweep, cell, argv, wall, returncode, cpus)
+  sweep_grid.record_cell(sweep, cell, argv, wall, returncode, cpus)
   status = f'exit status {returncode}'
   finished = cell.finished(sweep.sweep_dir)
   if returncode == 0 and not finished:
@@ -274,7 +274,7 @@ def _finish_cell(sweep: sweep_lib.Sweep, cell: sweep_lib.Cell, argv: Sequence[st
   return failed, status
 
 
-def run(sweep: sweep_lib.Sweep, run_fn: RunFn = run_subprocess,
+def run(sweep: sweep_grid.Sweep, run_fn: RunFn = run_subprocess,
         after_cell: Callable[[], Any] | None = None, log: Callable[[str], Any] = print,
         parallel: int = 1) -> list[str]:
   """Runs the unfinished cells, `parallel` at a time; returns the names of those that failed.
@@ -312,7 +312,7 @@ def run(sweep: sweep_lib.Sweep, run_fn: RunFn = run_subprocess,
   return _run_parallel(sweep, todo, run_fn, after_cell, log, parallel)
 
 
-def _run_sequential(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn: RunFn,
+def _run_sequential(sweep: sweep_grid.Sweep, todo: Sequence[sweep_grid.Cell], run_fn: RunFn,
                     after_cell: Callable[[], Any] | None,
                     log: Callable[[str], Any]) -> list[str]:
   """Runs `todo` one after another (see `run`); returns the names of the failed cells."""
@@ -320,14 +320,14 @@ def _run_sequential(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_
   for i, cell in enumerate(todo, 1):
     workdir = cell.workdir(sweep.sweep_dir)
     os.makedirs(workdir, exist_ok=True)
-    argv = sweep_lib.command(sweep, cell)
+    argv = sweep_grid.command(sweep, cell)
     log(f'[{i}/{len(todo)}] start {cell.name}')
     start = time.monotonic()
     try:
-      returncode = run_fn(argv, sweep_lib.repo_root(), os.path.join(workdir, sweep_lib.LOG_FILE))
+      returncode = run_fn(argv, sweep_grid.repo_root(), os.path.join(workdir, sweep_grid.LOG_FILE))
     except KeyboardInterrupt as error:
       # Keep the time spent so far: the resumed cell adds to it.
-      sweep_lib.record_cell(sweep, cell, argv, time.monotonic() - start, _stop_signal(error))
+      sweep_grid.record_cell(sweep, cell, argv, time.monotonic() - start, _stop_signal(error))
       log(f'[{i}/{len(todo)}] interrupted {cell.name}')
       raise
     wall = time.monotonic() - start
@@ -340,7 +340,7 @@ def _run_sequential(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_
   return failed
 
 
-def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn: RunFn,
+def _run_parallel(sweep: sweep_grid.Sweep, todo: Sequence[sweep_grid.Cell], run_fn: RunFn,
                   after_cell: Callable[[], Any] | None, log: Callable[[str], Any],
                   parallel: int) -> list[str]:
   """Runs `todo` `parallel` at a time (see `run`); returns the names of the failed cells."""
@@ -365,11 +365,11 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
     say(f'running {len(todo)} cell(s), {workers} at a time, pinned to cpus '
         + ' | '.join(_cpus_text(s) for s in slots))
 
-  def run_cell(i: int, cell: sweep_lib.Cell) -> bool | None:
+  def run_cell(i: int, cell: sweep_grid.Cell) -> bool | None:
     """Runs one cell on a free slot; returns whether it failed (None: not started)."""
     tag = f'[{i}/{len(todo)}]'
     workdir = cell.workdir(sweep.sweep_dir)
-    argv = sweep_lib.command(sweep, cell)
+    argv = sweep_grid.command(sweep, cell)
     with log_lock:
       if stopping.is_set():
         return None
@@ -379,7 +379,7 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
     try:
       os.makedirs(workdir, exist_ok=True)
       start = time.monotonic()
-      returncode = run_fn(argv, sweep_lib.repo_root(), os.path.join(workdir, sweep_lib.LOG_FILE),
+      returncode = run_fn(argv, sweep_grid.repo_root(), os.path.join(workdir, sweep_grid.LOG_FILE),
                           slot)
       wall = time.monotonic() - start
     finally:
@@ -387,7 +387,7 @@ def _run_parallel(sweep: sweep_lib.Sweep, todo: Sequence[sweep_lib.Cell], run_fn
         free_slots.append(slot)
     if stopping.is_set() and not cell.finished(sweep.sweep_dir):
       # Stopped by the interrupt: keep the time spent so far, as the sequential runner does.
-      sweep_lib.record_cell(sweep, cell, argv, wall, stopped_by[0], slot)
+      sweep_grid.record_cell(sweep, cell, argv, wall, stopped_by[0], slot)
       say(f'{tag} interrupted {cell.name}: {wall:.0f} s')
       return True
     cell_failed, status = _finish_cell(sweep, cell, argv, wall, returncode, slot)

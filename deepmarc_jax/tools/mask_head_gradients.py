@@ -1,6 +1,6 @@
 r"""Mask-head gradient norms at initialisation against the number of instances in BatchNorm.
 
-  .venv/bin/python benchmarks/mask_head_gradients.py [--heads=default,hourglass20,hourglass52]
+  .venv/bin/python -m deepmarc_jax.tools.mask_head_gradients [--heads=default,hourglass20,hourglass52]
       [--instances=2,8,24] [--num_filters=16] [--crop_size=32] [--bn_min_counts=0,64]
 
 The mask head alone (as in the mask-head sweep: 16 filters, 32 px crops), on random ROI features

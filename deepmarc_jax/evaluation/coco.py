@@ -488,7 +488,7 @@ def format_table(results: Mapping[str, Any]) -> str:
   columns = (('AP', lambda s: s['AP']), ('AP50', lambda s: s['AP50']),
              ('AP75', lambda s: s['AP75']), ('seen AP', lambda s: s['seen']['AP']),
              ('unseen AP', lambda s: s['unseen']['AP']))
-  # 'segm_gt_boxes' (train.evaluate_model with eval.gt_box_masks): masks from the GT boxes.
+  # 'segm_gt_boxes' (eval_loop.evaluate_model with eval.gt_box_masks): masks from the GT boxes.
   row_labels = {'bbox': 'bbox', 'segm': 'segm', 'segm_gt_boxes': 'segm@GT'}
   lines = ['       ' + ''.join(f'{name:>11}' for name, _ in columns)]
   for name, label in row_labels.items():

@@ -1,0 +1,1 @@
+"""Command-line tools beside training: checkpoint conversion and diagnostics of a run."""
