@@ -17,7 +17,6 @@ from deepmarc_jax.data import coco_format
 from deepmarc_jax.data import groundtruth
 from deepmarc_jax.data.coco_instances import CocoInstances
 from deepmarc_jax.data.coco_instances import CocoInstancesConfig
-from tests.conftest import REPO
 
 SPLIT_FILES = {'train': 'instances_train2017_coco128.json',
                'validation': 'instances_val2017_subset10.json'}
@@ -136,15 +135,15 @@ def test_shapes_builds_through_the_same_builder(tmp_path):
 
 
 def test_tfds_command_line_builds_the_dataset(tmp_path):
-  """`tfds build data/coco_instances --config=custom --manual_dir=...` as the TFDS docs say."""
+  """`tfds build coco_instances --imports=deepmarc_jax.data.coco_instances --config=custom
+  --manual_dir=...`: TFDS's own command line finds the registered builder by name."""
   _tiny_coco_dir(tmp_path / 'raw', split='train', gray=False)
   tfds_cli = shutil.which('tfds', path=os.path.dirname(sys.executable))
   assert tfds_cli, 'the tfds command line is not installed'
   result = subprocess.run(
-      [tfds_cli, 'build', str(REPO / 'data' / 'coco_instances'), '--config=custom',
-       f'--manual_dir={tmp_path / "raw"}', f'--data_dir={tmp_path / "tfds"}'],
-      capture_output=True, text=True, cwd=tmp_path, timeout=300,
-      env=dict(os.environ, PYTHONPATH=str(REPO)))
+      [tfds_cli, 'build', 'coco_instances', '--imports=deepmarc_jax.data.coco_instances',
+       '--config=custom', f'--manual_dir={tmp_path / "raw"}', f'--data_dir={tmp_path / "tfds"}'],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   info = tfds.builder_from_directory(str(tmp_path / 'tfds' / 'coco_instances' / 'custom' /
                                          str(CocoInstances.VERSION))).info

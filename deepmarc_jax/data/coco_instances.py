@@ -1,4 +1,4 @@
-"""TFDS builder for COCO-format instance segmentation (the stock `coco/2017` has no masks).
+r"""TFDS builder for COCO-format instance segmentation (the stock `coco/2017` has no masks).
 
 One builder, `coco_instances`, reads any COCO instances JSON + image folder:
 
@@ -17,7 +17,9 @@ Features per image: `image` (RGB), `image/id`, `image/filename`, and a sequence 
 `mask_rle` (uncompressed column-major COCO run lengths, see `coco_format`). Category names and
 what the read skipped are in `info.metadata`.
 
-Command line (the TFDS way): `tfds build data/coco_instances --config=custom --manual_dir=DIR`.
+Command line (the TFDS way; built data go to `--data_dir`, default ~/tensorflow_datasets):
+  tfds build coco_instances --imports=deepmarc_jax.data.coco_instances --config=custom \
+      --manual_dir=DIR
 """
 from __future__ import annotations
 
