@@ -293,3 +293,14 @@ def test_a_run_is_reopened_from_its_workdir(tmp_path, shapes_data_dir):
   with pytest.raises(FileNotFoundError, match='not a run.py workdir'):
     checkpoint.read_run_config(str(tmp_path / 'elsewhere'))
   assert not (tmp_path / 'elsewhere').exists()
+
+
+def test_the_trainer_imports_neither_the_converter_nor_the_sweeps():
+  """The TF-checkpoint converter and the sweep machinery are tools beside training: importing
+  the trainer and the evaluation loop must not load them."""
+  code = ('import sys, deepmarc_jax.train, deepmarc_jax.evaluation.loop; '
+          'print(sorted(m for m in sys.modules if m.startswith(("deepmarc_jax.tools", '
+          '"deepmarc_jax.sweeps"))))')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120, check=True)
+  assert result.stdout.strip().splitlines()[-1] == '[]'
