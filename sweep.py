@@ -13,12 +13,11 @@ axis slowest. Each cell trains in DIR/<cell name>, e.g. DIR/type=resnet4__train_
       Runs N cells at a time (default 1), starting them in grid order. On Linux each running cell
       is pinned to its own contiguous slice of the CPUs (N at most the CPU count), so the cells'
       XLA thread pools do not oversubscribe the cores: --parallel=2 on a 2-core machine pins each
-      cell to one core, ~1.5x the throughput of one cell on both cores (the mask-head sweep's
-      default-head cells: 0.67 s/step each, two at a time, vs 0.51 s/step alone); elsewhere
-      cells run unpinned. Ctrl-C sends the running cells SIGTERM (run.py checkpoints and
-      exits, so they resume on the next run) and kills them if they have not exited after two
-      minutes, or at once on a second Ctrl-C. Has no effect with --print_commands or
-      --report_only.
+      cell to one core, more throughput than one cell on both cores (docs/benchmarks.md,
+      "Mask-head sweep cells"); elsewhere cells run unpinned. Ctrl-C sends the running cells
+      SIGTERM (run.py checkpoints and exits, so they resume on the next run) and kills them if
+      they have not exited after two minutes, or at once on a second Ctrl-C. Has no effect with
+      --print_commands or --report_only.
   SIGTERM (`kill PID`, also for a sweep started in the background with `&`, where SIGINT is
       ignored) stops the running cells the same way, in either mode, and exits with status 143.
   --only=type=hourglass20,default --only=seed=0

@@ -5,7 +5,7 @@ r"""Conv forward+backward: XLA's own gradient vs ops/conv.py's im2col kernel gra
 Shapes from the models: ROI-head convs (7x7, 14x14), hourglass crops (32x32), backbone maps
 (16x16 .. 128x128), 1x1 bottleneck convs. Prints seconds (min of --repeats after compile) and
 the speed-up; `ops/conv.py`'s dispatch policy is chosen from these figures and the whole-step
-ones of train_step_speed.py. Printed, not asserted.
+ones of train_step_speed.py. Printed, not asserted; results in docs/benchmarks.md.
 """
 from __future__ import annotations
 

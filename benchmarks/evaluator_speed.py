@@ -1,4 +1,4 @@
-"""Speed of `deepmarc_jax.coco_eval.CocoEvaluator`: adding predictions and COCOeval, per backend.
+"""Speed of `deepmarc_jax.evaluation.coco.CocoEvaluator`: adding predictions, COCOeval per backend.
 
 Synthetic ground truth: `--images` images of 640x480 with 3..10 instances each (ellipse polygons
 or boxes, random categories among the 80 COCO ids). Detections, `--dets` per image: every GT
@@ -8,7 +8,8 @@ in [0, 0.7].
 
 Prints, for each mask size m, seconds per 1000 images for `add_predictions` (paste + threshold
 + RLE, the same code for both backends) and for `evaluate()` (COCOeval bbox + segm) with each
-backend, and the largest difference between the backends' numbers. Not a test.
+backend, and the largest difference between the backends' numbers. Not a test; results in
+docs/benchmarks.md.
 
   .venv/bin/python benchmarks/evaluator_speed.py [--images 1000]
 """

@@ -5,7 +5,8 @@ r"""Training-pipeline throughput (images/s) on real COCO images with masks.
 Reads coco_mini_seg (128 real COCO train images, 7.3 instances each) from ../shared/data,
 builds it into a temporary TFDS dir and times the train pipeline (decode, flip, scale jitter,
 crop/pad, RLE decode and per-instance mask crops at 112x112, batching) after a warm-up, for
-the R50 recipe's jitter (0.8-1.25) and the SpineNet recipe's (0.1-2.0). Printed, not asserted.
+the R50 recipe's jitter (0.8-1.25) and the SpineNet recipe's (0.1-2.0). Printed, not asserted;
+results in docs/benchmarks.md.
 """
 import argparse
 import os

@@ -5,8 +5,8 @@ r"""ROIAlign wall time (forward, forward+backward) after compile, float32, on th
 Cases: 512 RoIs at 14x14 and 32x32 on a [1, 128, 128, 256] single-level map, and the same on
 an FPN-like pyramid (levels 2-6 of a 1024 image, 256 channels). Backward is jax.grad of
 sum(output * cotangent) w.r.t. the features. `--einsum` also times a one-hot/einsum variant of
-the single-level case (scenic's method) for comparison (slow: ~30 s per 32x32 fwd+bwd call).
-Printed, not asserted.
+the single-level case (scenic's method) for comparison (slow: it contracts the whole map for
+every ROI). Printed, not asserted; results in docs/benchmarks.md.
 """
 from __future__ import annotations
 

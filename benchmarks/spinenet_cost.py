@@ -3,10 +3,12 @@ r"""SpineNet backbones at their paper input sizes: parameters vs the official co
   .venv/bin/python benchmarks/spinenet_cost.py [--names=spinenet49s,spinenet49,...] [--compile]
 
 For each SpineNet (min_level 3, max_level 7, batch 1, float32, inference mode) prints trainable
-parameters and BN statistics beside Model Garden's (shared/reference/official-oracle.md 2a),
+parameters and BN statistics beside those of Model Garden's SpineNet
+(`official/vision/modeling/backbones/spinenet.py` with SCALING_MAP[id], tf-models-official 2.20),
 and the forward FLOPs per image that XLA counts on the lowered (unoptimised) HLO; with
---compile, on the compiled executable instead (slow at 1280 px on a 2-core CPU). Printed, not
-asserted; the exact-count assertions live in tests/test_spinenet.py.
+--compile, on the compiled executable instead (slow at 1280 px on a CPU). Printed, not
+asserted; the exact-count assertions live in tests/test_spinenet.py; results in
+docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 r"""Train-step and `detect` cost on the default device: compile time, step time, memory, FLOP/s.
 
-  .venv/bin/python benchmarks/train_step_speed.py [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect]
-      [--repeats=3] [--breakdown] [--dtype=float32]
+  .venv/bin/python benchmarks/train_step_speed.py \
+      [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect] [--repeats=3] [--breakdown] \
+      [--dtype=float32]
 
 Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `train_step`):
   deepmarc  R50-FPN (levels 2-6) + hourglass52 mask head, 512x512, batch 2, GT crops of
@@ -12,10 +13,10 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
   plain_2fc plain with the box head of He et al.'s Mask R-CNN (two 1024-wide fc layers, no
             convs), as torchvision's `maskrcnn_resnet50_fpn` and Model Garden's default Mask
             R-CNN have it; the cases above keep Deep-MARC's 4 convs + 1 fc. This is the plain
-            Mask R-CNN that torchvision's 8.47 s step (the README's 8.5 s target) timed.
+            Mask R-CNN that torchvision's step, the target in docs/benchmarks.md, timed.
   demo      `experiments/deepmarc_spinenet.py:demo` (quarter-width SpineNet-49, levels 2-6,
             128 px, batch 8): the CPU demo's step.
-  demo_resnet  the same with the earlier demo's narrow R50-FPN (64 filters) as backbone.
+  demo_resnet  the same with a narrow R50-FPN (64 filters) as backbone.
   detect    `detect` (1000 proposals, top 100, hourglass52 masks) at 512, batch 1, s/image.
 
 Printed per case: compile seconds (trace + lower + XLA compile; for train steps also trace +
@@ -25,7 +26,7 @@ XLA-counted FLOPs per step (`compiled.cost_analysis()`) and the FLOP rate they i
 `--breakdown` also times the forward+backward of the step's parts in isolation (backbone+FPN, RPN
 head, box head on the sampled ROIs, mask head on its crops, ROIAlign of both): where the time
 goes.
-Printed, not asserted: the targets live in the README's benchmark table. With
+Printed, not asserted: results and targets are in docs/benchmarks.md. With
 JAX_COMPILATION_CACHE_DIR=DIR in the environment, a second run loads the compiled steps from JAX's
 persistent cache (compile = trace + lower + load): what a restarted run.py pays.
 """
@@ -81,8 +82,8 @@ def maskrcnn_512(head: str):
 
 
 def demo_config(backbone: str = 'spinenet49'):
-  """The CPU demo; `backbone='resnet50'` is the earlier demo's R50-FPN (64 filters) in place of
-  its quarter-width SpineNet-49, everything else equal."""
+  """The CPU demo; `backbone='resnet50'` puts a narrow R50-FPN (64 filters) in place of its
+  quarter-width SpineNet-49, everything else equal."""
   config = deepmarc_spinenet.get_config('demo')
   if backbone != config.model.backbone.type:
     config.model.backbone.type = backbone

@@ -96,9 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
           # Moving-average momentum of the hourglass heads' BatchNorms (Keras: moving =
           # m * moving + (1 - m) * batch). 0.1 is the reference's value, most likely PyTorch's
           # default carried over (CornerNet's hourglass is a PyTorch model); in Keras it makes the
-          # moving averages almost exactly the last batch's statistics. Harmless at TPU batch sizes; with a few instances per CPU
-          # batch, evaluation then swings with the last training batch. 0.9 is what PyTorch's
-          # 0.1 means.
+          # moving averages almost exactly the last batch's statistics. Harmless at TPU batch
+          # sizes; with a few instances per CPU batch, evaluation then swings with the last
+          # training batch (docs/findings.md). 0.9 is what PyTorch's 0.1 means.
           hourglass_bn_momentum=0.1,
       ),
       compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32

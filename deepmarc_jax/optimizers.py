@@ -8,12 +8,11 @@ and dense kernel (not biases, not BatchNorm).
 
 `flatten`: the moments (SGD's momentum, AdamW's first and second) are one vector over all
 parameters (`optax.flatten` around the moment transformation; weight decay and the learning rate
-stay per leaf). The update is the same element by element. Why: XLA:CPU compiles the per-leaf
-update as 3 kernels per parameter leaf (it fuses no sibling loops) and the gradient norm as 2
-more; the CPU demo's step (505 leaves) has 5,447 kernels with per-leaf moments and 3,637 with
-flat ones, and compiles ~3 s (~11%) faster (README, Benchmarks). Accelerators fuse the per-leaf update well, and a flat
-copy of a large model's moments costs a pass over them, so the paper's configs keep per-leaf
-moments.
+stay per leaf). The update is the same element by element. Why: XLA:CPU fuses no sibling loops,
+so a per-leaf update and gradient norm cost a few kernels per parameter leaf; over one vector
+they are a handful, and the CPU demo's step compiles faster (docs/benchmarks.md, "The demo's
+compile"). Accelerators fuse the per-leaf update well, and a flat copy of a large model's
+moments costs a pass over them, so the paper's configs keep per-leaf moments.
 """
 from __future__ import annotations
 

@@ -44,8 +44,8 @@ def make_train_step(exp: Experiment):
   metrics['finite'] is 0 where the loss or the gradient is not finite. The step does not undo
   such an update: the loop checks every step's flag before it saves or evaluates a state
   (`train_and_evaluate`), so no checkpoint holds what a non-finite step made. A select on each
-  of the state's leaves (1,848 in the demo) would keep the old state in the step itself, but
-  XLA compiles them as ~1,000 more fusions (docs/benchmarks.md).
+  of the state's leaves would keep the old state in the step itself, but XLA:CPU compiles
+  those selects as many more kernels, and the step compiles slower (docs/benchmarks.md).
   """
   model, tx = exp.model, exp.tx
 

@@ -1,10 +1,8 @@
 """XLA:CPU settings the framework runs with, set in XLA_FLAGS before JAX starts its backend.
 
 jaxlib 0.10.2's XLA:CPU hands each convolution to YNNPACK by default (a `__ynn_fusion` around the
-convolution in the compiled HLO). On this project's 2-core x86 CPU, XLA's Eigen convolutions are
-faster, forward and backward: a 3x3 conv on [256, 7, 7, 256] -> 256 (the box head's) took
-0.26 / 0.50 / 0.76 s for forward / input gradient / kernel gradient with YNNPACK and
-0.20 / 0.39 / 0.44 s without, and whole train steps gain more (README, Benchmarks, side by side).
+convolution in the compiled HLO). XLA's Eigen convolutions measured faster on x86 CPU, forward
+and backward, and so did whole train steps (docs/benchmarks.md, "What limits speed").
 `NO_YNN_CONVOLUTIONS` removes convolutions from XLA's YNNPACK list and keeps the rest of XLA's
 defaults. The flag concerns the CPU backend only; TPU and GPU runs ignore it.
 

@@ -10,10 +10,10 @@ classes only, boxes of all 80; mask head trained on ground-truth-box crops; 38.7
 Variants (comma-separated after ':'):
   nonvoc  the reverse split: masks of the 60 non-VOC classes, AP on VOC (paper: 41.0).
   demo    a quarter-width SpineNet-49 on the synthetic seen/unseen shapes dataset at 128 px,
-          sized for a 2-core CPU (~11 min).
+          sized for a 2-core CPU (its wall time: docs/benchmarks.md).
   tiny    (with demo) a seconds-per-step smoke size: what the trainer tests run.
 
-Mask-head sweeps: --config.model.mask_head.type=hourglass100 (see README for all names).
+Mask-head sweeps: --config.model.mask_head.type=hourglass100 (all names: catalogue.MASK_HEADS).
 """
 from deepmarc_jax import config_lib
 
@@ -64,8 +64,8 @@ def get_config(arg: str | None = None):
   if 'demo' in variants:
     # Seen classes are the shapes with VOC ids, unseen those with non-VOC ids (data/shapes.py),
     # so 'voc'/'nonvoc' keep their meaning. A quarter-width SpineNet-49 with every count scaled
-    # for a 2-core CPU, where one step takes ~0.45 s. Trained from scratch, so AdamW (much
-    # faster to start than the paper's SGD) with a cosine decay.
+    # for a 2-core CPU. Trained from scratch, so AdamW (much faster to start than the paper's
+    # SGD) with a cosine decay.
     config.experiment = 'deepmarc_spinenet49_hg20_demo'
     data.tfds_name = 'coco_instances/shapes'  # the 'upright' style: <= 3 objects per image
     data.image_size = 128
@@ -80,9 +80,9 @@ def get_config(arg: str | None = None):
     model.backbone.bn_momentum, model.backbone.bn_epsilon = 0.9, 1e-3
     model.width_multiplier = 0.25
     # Levels 2-6, not the recipe's 3-7: the objects here are 26-77 px, 10x smaller than COCO's
-    # at 1280, and all go to ROIAlign's finest level. At stride 8 (level 3) the box, class and
-    # mask losses were still flat after 1000 steps (box AP 0.6); SpineNet's level-2 output
-    # block (stride 4) learns as fast as the ResNet-FPN demo did.
+    # at 1280, and all go to ROIAlign's finest level. At stride 8 (level 3) the losses stay
+    # flat for the length of a demo run; SpineNet's level-2 output block (stride 4) learns as
+    # fast as a ResNet-FPN does (docs/design.md, "How the demo got here").
     model.min_level, model.max_level = 2, 6
     model.anchor.num_scales, model.anchor.anchor_size = 1, 4.0
     model.rpn.update(samples_per_image=128, pre_nms_top_k=500, num_proposals=200,
@@ -99,7 +99,7 @@ def get_config(arg: str | None = None):
     train.checkpoint_every_steps = 500
     opt.name, opt.schedule = 'adamw', 'cosine'
     opt.learning_rate, opt.weight_decay = 1e-3, 1e-4
-    opt.flatten = True  # a CPU compiles the step ~3 s (~11%) faster (optimizers.py)
+    opt.flatten = True  # fewer kernels for XLA:CPU to compile (optimizers.py)
     opt.warmup_steps, opt.warmup_init_lr = 100, 1e-4
     config.eval.batch_size = 8
     config.eval.every_steps = 1000
@@ -107,7 +107,7 @@ def get_config(arg: str | None = None):
     config.eval.overlay_score_threshold = 0.2
   if 'tiny' in variants:
     data.max_instances = 8  # the trainer tests' batches
-    # A ResNet-FPN compiles in ~2/3 of SpineNet's time; the trainer tests compile many steps.
+    # A ResNet-FPN compiles faster than SpineNet; the trainer tests compile many steps.
     # SpineNet itself is tested in tests/test_spinenet.py and tests/test_mask_rcnn.py.
     model.backbone.type = 'resnet50'
     model.width_multiplier = 0.125

@@ -16,10 +16,10 @@ evaluation.
 Variants (after ':'):
   (none)  heads {default, resnet4, resnet12, hourglass20, hourglass52} x crops {gt, proposals}
           x seeds {0, 1}: 20 cells of 3,000 steps, evaluated every 500 (two at a time with
-          --parallel=2). 3,000 because at 1,500 (an earlier grid) the deep heads' seen mask AP
-          from GT boxes still rose 6.5-6.9 points over the last 500 steps.
+          --parallel=2). 3,000 because at 1,500 steps the deep heads' mask AP from GT boxes was
+          still rising (docs/findings.md, "Why 3,000 steps").
   quick   finding (1) only: the demo (hourglass20, 16 px crops) with gt vs proposal crops,
-          one seed, 700 steps: two cells, ~18 min on a 2-core CPU.
+          one seed, 700 steps: two cells.
   jitter  a diagnostic beside the full grid: GT crops whose boxes are jittered
           (`mask_head.gt_box_jitter=0.5`, Deep-MAC's ROI jitter: each side moves by up to a
           quarter of the box's size), heads {default, hourglass20} x seeds {0, 1}, otherwise the
@@ -27,11 +27,12 @@ Variants (after ':'):
           unseen-class AP?
   width   a diagnostic for finding (2): the full grid's default head with GT crops at 16 and 64
           filters (`mask_head.num_filters`) x seeds {0, 1}. At 16 filters the shallow heads
-          underfit even the seen classes of their training images (deepmarc_jax/tools/mask_head_fit.py),
-          so depth raised seen AP as much as unseen; does a default head wide enough to fit the
-          seen classes close the unseen gap to hourglass20 too? Its 16-filter cells are the full
-          grid's default GT cells (the same resolved config but for hourglass_bn_momentum, which
-          the default head does not read): copy them in to run only the 64-filter cells.
+          underfit even the seen classes of their training images (`python -m
+          deepmarc_jax.tools.mask_head_fit`; docs/findings.md), so depth raised seen AP as much
+          as unseen; does a default head wide enough to fit the seen classes close the unseen
+          gap to hourglass20 too? Its 16-filter cells are the full grid's default GT cells (the
+          same resolved config but for hourglass_bn_momentum, which the default head does not
+          read): copy them in to run only the 64-filter cells.
 """
 import importlib.util
 import os
@@ -70,16 +71,17 @@ def get_config(arg: str | None = None):
     # input five times, and the comparison should differ in the head alone.
     config.model.mask_head.crop_size = 32
     # A batch of 8 images trains on ~8 (GT crops) to ~24 instances, which hourglass52 halves to
-    # 1x1, so its deepest BatchNorms normalised so few values that its gradients exploded and
-    # its detector never trained (deepmarc_jax/tools/mask_head_gradients.py). The running averages make
-    # up the values a BatchNorm lacks below 64 per channel (layers.BatchNorm): every other head
-    # keeps >= 8x8 per instance, so for them this changes nothing.
+    # 1x1, so its deepest BatchNorms normalise so few values that its gradients explode and
+    # its detector does not train (deepmarc_jax/tools/mask_head_gradients.py; docs/findings.md).
+    # The running averages make up the values a BatchNorm lacks below 64 per channel
+    # (layers.BatchNorm): every other head keeps >= 8x8 per instance, so for them this changes
+    # nothing.
     config.model.mask_head.bn_min_count = 64.0
     # The hourglass heads' reference BatchNorm momentum, 0.1, makes their moving averages the
-    # last training batch's statistics, here those of ~8-24 crops: hourglass52's GT-box mask AP
-    # swung by 11 points between evaluations as saved and rose steadily with the statistics
-    # re-estimated at 0.9 (README, Mask-head sweeps). 0.9 is what the PyTorch-style 0.1 means;
-    # the other heads already average over ~10-100 steps (0.9 / 0.99).
+    # last training batch's statistics, here those of ~8-24 crops, so hourglass52's mask AP from
+    # GT boxes swings between evaluations with the last batch (deepmarc_jax/tools/bn_statistics.py;
+    # docs/findings.md). 0.9 is what the PyTorch-style 0.1 means; the other heads already
+    # average over ~10-100 steps (0.9 / 0.99).
     config.model.mask_head.hourglass_bn_momentum = 0.9
     # The cosine schedule spans the whole run.
     config.train.total_steps = 3000

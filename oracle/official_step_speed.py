@@ -1,8 +1,9 @@
-r"""The official TF Model Garden Deep-MARC's train step and inference on this machine: the
-side-by-side reference for `benchmarks/train_step_speed.py` (issue 3's targets).
+r"""The official TF Model Garden Deep-MARC's train step and inference, timed where it runs: the
+side-by-side reference for `benchmarks/train_step_speed.py` (results and targets:
+docs/benchmarks.md).
 
 Runs in the oracle venv (`setup.sh` builds it; it holds tf-models-official 2.20.0, see
-../shared/reference/official-oracle.md), not in .venv:
+oracle/README.md), not in .venv:
 
   .venv-oracle/bin/python oracle/official_step_speed.py [--cases=deepmarc,plain,plain_2fc,detect]
       [--repeats=3] [--threads=0]

@@ -31,8 +31,8 @@ that lie inside the image are stored as COCO polygons (rasterised by pycocotools
 drawn pixels), everything else as compressed RLE. Generation is deterministic: image i of split s
 depends only on (seed, s, i, image_size, max_objects, style).
 
-Styles (`STYLES`): 'upright' (the default, the CPU demo's dataset: upright flat or gradient
-objects, 15-60% of the side, up to 4) and 'textured' (rotated, stretched objects of 6-60% painted
+Styles (`STYLES`): 'upright' (the default, the CPU demo's dataset: upright flat-coloured
+objects, 20-60% of the side, up to 3) and 'textured' (rotated, stretched objects of 6-60% painted
 with every texture, up to 8, heavy occlusion: much slower to learn from scratch).
 
 Command line:
@@ -207,10 +207,9 @@ class Style:
 STYLES: Mapping[str, Style] = types.MappingProxyType({
     # The CPU demo's dataset: a detector trained from scratch must learn it in minutes. Upright,
     # mid-sized, flat-coloured objects on any background texture: segmenting still means
-    # telling a uniform region from a textured one, not looking up a colour. (With 'textured',
-    # a from-scratch shape classifier on GT crops is at 26% after 300 steps vs 68% here, and the
-    # demo detector reaches only ~3 box AP in 1500 steps. With 40% gradient objects, sizes from
-    # 15% and up to 4 objects, its class loss was still 0.96 after 800 steps vs 0.82 here.)
+    # telling a uniform region from a textured one, not looking up a colour. 'textured', and
+    # even gradient-painted, smaller or more numerous objects, train far slower from scratch
+    # (docs/design.md, "Why upright").
     'upright': Style(rotate=False, max_log_aspect=0.14, size_range=(0.2, 0.6),
                      object_texture_probs=(1.0, 0.0, 0.0, 0.0, 0.0), max_objects=3),
     # The harder original: rotated, stretched, tiny to large objects painted with the

@@ -1,6 +1,9 @@
 """Architectures by name: the specs the configs choose from.
 
-Facts: shared/reference/deepmac-facts.md (sections 2.4 and 5.1).
+Sources: the mask heads of the TF Object Detection API's deepmac_meta_arch.py (`network_type`)
+and of Model Garden's `official/projects/deepmac_maskrcnn/modeling/heads/hourglass_network.py`
+(`hourglass_10` .. `hourglass_100`, `hourglass_20_uniform_size`, `hourglass_20_no_shortcut`);
+the SpineNets of `official/vision/modeling/backbones/spinenet.py` (`SCALING_MAP`).
 
 These tables are the single source of allowed names for config validation and of the numbers
 the Flax modules are built from.
@@ -12,7 +15,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class HourglassSpec:
-  """A single hourglass used as a mask head (section 2.4); channels are multiples of nc."""
+  """A single hourglass used as a mask head (hourglass_network.py); channels are multiples of nc."""
   blocks_per_stage: tuple[int, ...]
   channel_multipliers: tuple[int, ...]
   downsample: bool = True       # stride-2 first block of each encoder stage
@@ -51,7 +54,7 @@ MASK_HEADS: dict[str, HourglassSpec | ResNetHeadSpec | ConvHeadSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class SpineNetSpec:
-  """SpineNet scaling map row (section 5.1)."""
+  """A row of spinenet.py's SCALING_MAP."""
   endpoints_num_filters: int
   filter_size_scale: float
   resample_alpha: float

@@ -1,4 +1,4 @@
-"""Single-hourglass networks used as mask heads (deepmac-facts.md 2.4, official-oracle.md 2c).
+"""Single-hourglass networks used as mask heads (catalogue.MASK_HEADS' `hourglass*` entries).
 
 Mirrors Model Garden's `deepmac_maskrcnn/modeling/heads/hourglass_network.py` with
 `initial_downsample=False` (the only mode a mask head uses):

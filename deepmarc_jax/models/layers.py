@@ -133,8 +133,9 @@ class BatchNorm(nn.Module):
   the missing min_count - count values (pooled mean and variance of the two). Why: a mask head
   trained on a few real instances per batch normalises only that many values per channel where
   its hourglass reaches 1x1; their variance is then tiny and noisy and the gradients explode
-  (deepmarc_jax/tools/mask_head_gradients.py). Batches with count >= min_count are normalised exactly as
-  with min_count 0, so a floor below every level's count changes nothing.
+  (`python -m deepmarc_jax.tools.mask_head_gradients`; docs/findings.md). Batches with
+  count >= min_count are normalised exactly as with min_count 0, so a floor below every level's
+  count changes nothing.
   """
   use_running_average: bool
   momentum: float = 0.99
@@ -184,11 +185,11 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, weight: ja
   `min_count` (see `BatchNorm`) and get no gradient; axis_name: replicas whose entries the
   statistics pool. Returns (y [..., C] float32, mean [C], var [C]), var biased.
 
-  Why not autodiff: differentiated, the two-pass statistics leave XLA 18 kernels to compile for
-  a BatchNorm + ReLU with its running averages; the closed form below leaves 11 and reads x
-  fewer times (forward + backward 2x faster on [2, 128, 128, 256]). The demo's train step has
-  165 BatchNorms: 6,640 kernels before, 5,447 after (README, Benchmarks). Equal to autodiff
-  within float tolerance (tests/test_layers.py).
+  Why not autodiff: differentiated, the two-pass statistics leave XLA more kernels to compile
+  per BatchNorm than the closed form below, which also reads x fewer times; with a BatchNorm
+  after nearly every conv, that shortens the train step's compile and lowers its memory peak
+  (docs/benchmarks.md, "What limits speed"). Equal to autodiff within float tolerance
+  (tests/test_layers.py).
   """
   (y, mean, var), _ = _batch_norm_train_fwd(x, scale, bias, weight, running, epsilon, min_count,
                                             axis_name)

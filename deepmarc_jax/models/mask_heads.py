@@ -5,7 +5,8 @@
     -> logits: 1x1 conv (bias) to 1 channel, or num_classes then the ROI class's channel
     -> [R, uS, uS] float32 logits (sigmoid is applied by the caller).
 
-Convnets (facts: deepmac-facts.md 2.4 / 3.2, official-oracle.md 2b):
+Convnets (Model Garden's `official/projects/deepmac_maskrcnn/modeling/heads/instance_heads.py`
+DeepMaskHead and the TF OD API's deepmac_meta_arch.py):
 - `default`: num_convs x [3x3 conv num_filters (with bias) + BN + ReLU] (instance_heads.py).
 - `hourglassN...`: hourglass.Hourglass(num_channels=num_filters); C = 2 * num_filters.
 - `resnetN`: the TF OD API's ResNetMaskNetwork (deepmac_meta_arch.py): 1x1 conv to nc (bias),

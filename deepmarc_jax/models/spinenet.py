@@ -1,8 +1,8 @@
 """SpineNet backbones (49S/49/96/143/143L/190) as Model Garden builds them.
 
 Source: official/vision/modeling/backbones/spinenet.py, layers/nn_blocks.py (BottleneckBlock,
-ResidualBlock) and layers/nn_layers.py (get_stochastic_depth_rate, StochasticDepth); facts in
-shared/reference/deepmac-facts.md 5.1, parameter counts in official-oracle.md 2a.
+ResidualBlock) and layers/nn_layers.py (get_stochastic_depth_rate, StochasticDepth). The
+official parameter counts are asserted in tests/test_spinenet.py.
 
 Input [B, H, W, 3] (NHWC, normalised), H and W multiples of 2^7 (the coarsest block level);
 output {level: [B, H/2^level, W/2^level, endpoints_num_filters]} for min_level..max_level.
@@ -66,12 +66,12 @@ Keras kernels are HWIO like flax's; gamma/beta/moving_mean/moving_variance map t
 scale/bias/mean/var. (model.layers / checkpoint `layer_with_weights-N` order is topological, not
 creation order: map by name, not by position.)
 
-Checked once against the oracle (tf-models-official 2.20): a narrow SpineNet (endpoints 16,
-filter_size_scale 0.125, alpha 0.5, 2 repeats) at 128 and 256 px, official weights (random BN
-statistics) copied through that mapping: every official variable used once, all shapes equal,
-evaluation-mode endpoints equal to <= 2e-5. (Training mode agreed only to ~0.02-0.05, the same
-as our own output's change under a 1e-6 input perturbation: batch statistics over 2-16 values
-at levels 6-7 make that tiny random network ill-conditioned.)
+Parity: tests/test_convert.py converts a narrow, randomised official SpineNet
+(oracle/deepmarc_parity.py) through that mapping (every official variable used once, all shapes
+equal) and compares the evaluation-mode endpoints. Training mode is not compared: batch
+statistics over a handful of values at the coarsest levels make a tiny random network so
+ill-conditioned that a rounding-sized input change moves its outputs as much as the two
+implementations differ.
 """
 from __future__ import annotations
 

@@ -1,22 +1,20 @@
 """A drop-in `lax.conv_general_dilated` whose kernel gradient is one im2col matmul.
 
-XLA's CPU backend runs a convolution's forward pass well (~87 GFLOP/s for the box head's 3x3 conv
-on [1024, 7, 7, 256] on the 2-core dev machine) but its kernel-gradient convolution poorly (the
-forward+backward falls to ~51 GFLOP/s). Here the forward and the input gradient stay XLA
-convolutions (the input gradient is a forward convolution of the output gradient with the
-flipped kernel) and the kernel gradient becomes
+XLA's CPU backend runs a convolution's forward pass well but its kernel-gradient convolution
+poorly. Here the forward and the input gradient stay XLA convolutions (the input gradient is a
+forward convolution of the output gradient with the flipped kernel) and the kernel gradient
+becomes
 
     dW[kh, kw, c, o] = sum_{n, y, x} patches(x)[n, y, x, kh, kw, c] * dy[n, y, x, o]
 
 a single matmul over the (N*H*W) rows of the im2col patches, which runs near the machine's
-matmul speed. Measured fwd+bwd speed-ups on that machine in isolation
-(benchmarks/conv_grad_speed.py): 1x1 convs 2.8-4.6x; 3x3 convs on small maps (ROI heads: 7x7,
-14x14, 16x16) 1.2-1.5x; 3x3 convs on 32x32 and larger maps 0.5-0.9x. Inside the whole 512x2
-Deep-MARC train step, im2col for the small-map 3x3 convs too made the step slower (35.6 s vs
-29.9 s, XLA peak memory 6.1 vs 4.1 GiB: the 9x patches of 1024 ROIs), so the policy
-(`uses_im2col_grad`) is: CPU backend, 1x1 kernels only, whose patches are the input itself (no
-extra memory). Accelerators always get XLA's own gradient. Values and gradients equal lax's to
-float rounding (tests/test_ops_conv.py), so this is an implementation choice, not a setting.
+matmul speed. The policy (`uses_im2col_grad`) is: CPU backend, 1x1 kernels only, whose patches
+are the input itself (no extra memory). 3x3 kernels stay with XLA: on large maps the matmul
+loses even in isolation, and on the ROI heads' small maps their patches (9x the input) made the
+whole train step slower and larger (benchmarks/conv_grad_speed.py, train_step_speed.py;
+docs/benchmarks.md). Accelerators always get XLA's own gradient. Values and gradients equal
+lax's to float rounding (tests/test_ops_conv.py), so this is an implementation choice, not a
+setting.
 
 Handled: 2-D NHWC x HWIO, stride 1, no dilation, one feature group, any explicit or 'SAME' /
 'VALID' padding. Anything else falls through to `lax.conv_general_dilated` unchanged.

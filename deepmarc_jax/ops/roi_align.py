@@ -1,8 +1,8 @@
 """Multilevel ROIAlign with the official Model Garden semantics, and proposal mask targets.
 
 Feature side (`multilevel_roi_align`), the semantics of Model Garden's
-`spatial_transform_ops.multilevel_crop_and_resize` (measured in shared/reference/
-official-oracle.md section 3):
+`official/vision/ops/spatial_transform_ops.py` `multilevel_crop_and_resize` (checked against it
+by tests/test_ops_roi_align.py through oracle/roi_align_parity.py):
   * `features` is {level: [B, H_l, W_l, C]} for consecutive levels; level l has stride 2^l.
     `boxes` is [B, N, 4] (y1, x1, y2, x2) in input-image pixels.
   * Each box goes to one level (`assign_levels`) and is divided by 2^level: no half-pixel

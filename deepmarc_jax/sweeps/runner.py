@@ -1,14 +1,15 @@
 """Runs a sweep's cells: each as a run.py subprocess, one after another or several at a time.
 
-`run` runs the unfinished cells of a loaded sweep (`deepmarc_jax/sweeps/grid.py` defines the grid, the
-cells, their commands and their sweep_cell.json records), each as a subprocess appending to its
-workdir's log.txt, and records every cell that ran. A failed cell does not stop the sweep.
+`run` runs the unfinished cells of a loaded sweep (`deepmarc_jax/sweeps/grid.py` defines the
+grid, the cells, their commands and their sweep_cell.json records), each as a subprocess
+appending to its workdir's log.txt, and records every cell that ran. A failed cell does not
+stop the sweep.
 
 Cells run one after another, or `parallel` at a time in grid order. On Linux each running cell is
 then pinned to its own slice of the CPUs, so that the cells' XLA thread pools do not
-oversubscribe the cores: on a 2-core machine, parallel=2 (one core per cell) gives ~1.5x the
-throughput of one cell on both cores (0.67 s/step for each of two cells vs 0.51 s/step for one
-alone, measured on the mask-head sweep's default-head cells).
+oversubscribe the cores: a cell scales less than linearly with cores, so one core per cell
+gives more throughput than one cell on all of them (docs/benchmarks.md, "Mask-head sweep
+cells").
 
 Ctrl-C: run one at a time, the running cell is killed, as by subprocess.run. Run in parallel, the
 cells ignore the terminal's SIGINT; the runner sends them SIGTERM instead (run.py checkpoints and

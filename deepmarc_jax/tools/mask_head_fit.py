@@ -1,7 +1,7 @@
-r"""Does a mask head fit its training masks? Mask AP from GT boxes on training images vs eval images.
+r"""Does a mask head fit its training masks? Mask AP from GT boxes, training vs eval images.
 
-  .venv/bin/python -m deepmarc_jax.tools.mask_head_fit --workdir=sweeps/mask_head_sweep/CELL [--step=3000]
-      [--images=200]
+  .venv/bin/python -m deepmarc_jax.tools.mask_head_fit --workdir=sweeps/mask_head_sweep/CELL \
+      [--step=3000] [--images=200]
 
 For a run's checkpoint (default its latest), the mask AP (seen / unseen, %) of masks predicted
 from the ground-truth boxes (as `eval.gt_box_masks`) on the first `--images` images of the

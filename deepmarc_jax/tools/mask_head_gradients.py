@@ -1,7 +1,8 @@
 r"""Mask-head gradient norms at initialisation against the number of instances in BatchNorm.
 
-  .venv/bin/python -m deepmarc_jax.tools.mask_head_gradients [--heads=default,hourglass20,hourglass52]
-      [--instances=2,8,24] [--num_filters=16] [--crop_size=32] [--bn_min_counts=0,64]
+  .venv/bin/python -m deepmarc_jax.tools.mask_head_gradients \
+      [--heads=default,hourglass20,hourglass52] [--instances=2,8,24] [--num_filters=16] \
+      [--crop_size=32] [--bn_min_counts=0,64]
 
 The mask head alone (as in the mask-head sweep: 16 filters, 32 px crops), on random ROI features
 [24, crop, crop, 64] and random binary targets, in training mode. The first n of the 24 slots are
@@ -10,8 +11,9 @@ per instance, averaged over the real ones), as in Mask R-CNN training. Prints th
 the parameter gradient and of the gradient reaching the ROI features (what the backbone gets).
 
 Why: hourglass52 has six stages, so 32 px crops reach 1x1 at its bottom, where BatchNorm
-normalises only n values per channel. With few instances its gradients explode (the mask-head
-sweep's hourglass52 cells, ~8 instances per batch, never trained their detector).
+normalises only n values per channel. With few instances its gradients explode, and a
+detector trained with it does not learn (the mask-head sweep's hourglass52 cells,
+docs/findings.md).
 `--bn_min_counts` compares floors on the values per channel BatchNorm statistics rest on
 (`model.mask_head.bn_min_count`; the initial running averages, mean 0 and variance 1, make up
 the shortfall). Printed, not asserted.
