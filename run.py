@@ -7,11 +7,9 @@ import logging as logging_std
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
 from deepmarc_jax import xla_cpu  # noqa: E402  (imports nothing heavy)
 
-xla_cpu.add_default_flags()  # before JAX starts its CPU backend
+xla_cpu.configure_process()  # before JAX and TF start (quiet TF logs, run.py's XLA:CPU flags)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

@@ -6,7 +6,8 @@ and backward, and so did whole train steps (docs/benchmarks.md, "What limits spe
 `NO_YNN_CONVOLUTIONS` removes convolutions from XLA's YNNPACK list and keeps the rest of XLA's
 defaults. The flag concerns the CPU backend only; TPU and GPU runs ignore it.
 
-Entry points call `add_default_flags()` before JAX starts its backend (importing jax is fine;
+Entry points call `configure_process()` (TF's C++ logs quiet, then `add_default_flags()`) before
+JAX starts its backend (importing jax is fine;
 XLA reads the flags when the first computation creates the CPU client). A user's own setting of
 the same flag in XLA_FLAGS wins: `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution`
 restores XLA's default.
@@ -31,3 +32,10 @@ def add_default_flags(environ: MutableMapping[str, str] = os.environ) -> str:
     flags = f'{flags} {NO_YNN_CONVOLUTIONS}'.strip()
     environ['XLA_FLAGS'] = flags
   return flags
+
+
+def configure_process(environ: MutableMapping[str, str] = os.environ) -> str:
+  """What every entry point does first: TF's C++ logs quiet (TF_CPP_MIN_LOG_LEVEL=2 unless set)
+  and `add_default_flags()`. Call it before JAX or TensorFlow start; returns the XLA_FLAGS."""
+  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  return add_default_flags(environ)

@@ -7,12 +7,11 @@ ORACLE_PYTHON. Without that venv they are skipped, or fail where DEEPMARC_REQUIR
 import os
 import pathlib
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 from deepmarc_jax import xla_cpu  # noqa: E402
 
-xla_cpu.add_default_flags()  # the tests run the kernels run.py runs
+xla_cpu.configure_process()  # before JAX and TF start (quiet TF logs, run.py's XLA:CPU flags)
 
 import pytest  # noqa: E402
 

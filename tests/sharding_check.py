@@ -15,7 +15,7 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 from deepmarc_jax import xla_cpu  # noqa: E402
 
-xla_cpu.add_default_flags()  # as run.py
+xla_cpu.configure_process()  # before JAX and TF start (quiet TF logs, run.py's XLA:CPU flags)
 
 import json  # noqa: E402
 

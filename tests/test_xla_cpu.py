@@ -49,3 +49,13 @@ def test_the_flag_takes_convolutions_off_ynnpack(flags, ynn_fusions):
   # of 16 pixels the windows hold 2 + 14 * 3 + 2 = 46 in-image pixels, so 46^2 in 2D; times 32
   # output channels and 2 images.
   assert (int(count), float(total)) == (ynn_fusions, 2 * 32 * 64 * 46 ** 2)
+
+
+def test_configure_process_quiets_tf_unless_set_and_adds_the_flags():
+  environ = {}
+  assert xla_cpu.configure_process(environ) == xla_cpu.NO_YNN_CONVOLUTIONS
+  assert environ == {'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': xla_cpu.NO_YNN_CONVOLUTIONS}
+  environ = {'TF_CPP_MIN_LOG_LEVEL': '0', 'XLA_FLAGS': '--xla_dump_to=/tmp/x'}
+  xla_cpu.configure_process(environ)
+  assert environ == {'TF_CPP_MIN_LOG_LEVEL': '0',
+                     'XLA_FLAGS': f'--xla_dump_to=/tmp/x {xla_cpu.NO_YNN_CONVOLUTIONS}'}

@@ -21,13 +21,10 @@ the shortfall). Printed, not asserted.
 from __future__ import annotations
 
 import argparse
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from deepmarc_jax import xla_cpu  # noqa: E402
 
-xla_cpu.add_default_flags()  # the kernels run.py uses (XLA_FLAGS may override)
+xla_cpu.configure_process()  # before JAX and TF start (quiet TF logs, run.py's XLA:CPU flags)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
