@@ -24,6 +24,8 @@ from deepmarc_jax.models import mask_rcnn
 
 @flax.struct.dataclass
 class TrainState:
+  """What a checkpoint holds: the step (int32 scalar), params and BatchNorm statistics (the
+  model's variable collections) and the optimizer state."""
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -32,7 +34,11 @@ class TrainState:
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything built from the config that the loop and the evaluator share."""
+  """Everything built from the config that the loop and the evaluator share.
+
+  builder: the TFDS builder of config.data (None where no data is read, e.g. a benchmark);
+  split_ids: {'seen': mask-trained category ids, 'unseen': box-only ones}.
+  """
   config: Any
   mesh: jax.sharding.Mesh
   builder: Any
@@ -42,6 +48,7 @@ class Experiment:
 
 
 def setup(config) -> Experiment:
+  """Builds the mesh, the dataset (prepared if needed), the model and the optimizer."""
   mesh = sharding.make_mesh(config.mesh)
   if config.train.batch_size % mesh.shape['data']:
     raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
