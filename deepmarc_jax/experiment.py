@@ -62,6 +62,15 @@ def setup(config) -> Experiment:
                     class_splits.split_of(seen, category_ids))
 
 
+def for_inference(config) -> Experiment:
+  """An Experiment on one device without data (no builder, no class splits): enough to restore
+  a run's checkpoint and run the model (the masks-from-boxes tool)."""
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  model = mask_rcnn.MaskRCNN.from_config(config)
+  tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
+  return Experiment(config, mesh, None, model, tx, {})
+
+
 def _init_fn(exp: Experiment):
   """rng -> a fresh TrainState of exp's model and optimizer."""
   data = exp.config.data

@@ -181,6 +181,18 @@ def preprocess(example: dict, spec: PreprocessSpec, seed: tf.Tensor) -> dict[str
   }
 
 
+def preprocess_image(image: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """One image [H, W, 3] uint8 exactly as the eval pipeline feeds it to a model.
+
+  Returns (input image [S, S, 3] uint8: aspect-preserving resize so that the longer side is
+  S = image_size, zero padding below and right; scale: input pixels per original pixel).
+  """
+  spec = PreprocessSpec(image_size=image_size, max_instances=1, mask_size=1,
+                        allowed_mask_ids=(), train=False)
+  scale, offset, visible = _scale_and_offset(tf.shape(image)[0], tf.shape(image)[1], spec, None)
+  return _transform_image(image, tf.constant(False), scale, offset, visible, image_size), scale
+
+
 def _crop_masks(rle, out_boxes, flip, scale, offset, height, width, mask_size):
   """[K,M,M] masks of the final boxes, cropped from the original-resolution masks."""
   y1, x1, y2, x2 = tf.unstack((out_boxes + tf.tile(offset, [2])) / scale, axis=-1)

@@ -1,0 +1,126 @@
+"""Masks for user boxes from any of our checkpoints: the image is encoded once, each box costs
+only the mask head.
+
+A `Segmenter` holds a model and its variables, from a run's workdir (`from_workdir`: its
+config.json and a kept checkpoint) or from converted variables with the config that describes
+them (`from_variables`, e.g. an official Deep-MARC checkpoint converted by
+tools/convert_tf_checkpoint.py). `encode` preprocesses an image exactly as the eval pipeline
+does (data/pipeline.preprocess_image) and runs the backbone; `box_masks` runs ROIAlign and the
+mask head on any number of boxes. Box counts are padded to powers of two (at least 8), so a
+session compiles a handful of shapes. The two steps together compute `MaskRCNN.segment_boxes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from deepmarc_jax import checkpoint
+from deepmarc_jax import experiment as experiment_lib
+from deepmarc_jax.data import pipeline
+from deepmarc_jax.models import mask_rcnn
+
+MIN_BOX_BUCKET = 8
+
+
+class CheckpointMismatchError(ValueError):
+  """Variables that do not fit the model the config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One encoded image: features {level: [1, h_l, w_l, C]}, its input-pixel scale (input px
+  per original px) and original height and width."""
+  features: Any
+  scale: float
+  height: int
+  width: int
+
+
+class Segmenter:
+  """Box-relative mask probabilities for boxes on images, from one model's variables."""
+
+  def __init__(self, config, variables: dict[str, Any]):
+    self.config = config
+    self.model = mask_rcnn.MaskRCNN.from_config(config)
+    self.variables = variables
+    self.image_size = int(config.data.image_size)
+    self.mask_threshold = float(config.eval.mask_threshold)
+    model = self.model
+    self._features = jax.jit(
+        lambda v, images: model.apply(v, images, False, method=mask_rcnn.MaskRCNN.features))
+    self._box_masks = jax.jit(lambda v, features, boxes, classes: jax.nn.sigmoid(
+        model.apply(v, features, boxes, classes, False,
+                    method=mask_rcnn.MaskRCNN.mask_logits).astype(jnp.float32)))
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None) -> Segmenter:
+    """The model of a run.py workdir at its checkpoint of `step` (default the latest kept).
+
+    FileNotFoundError names what is missing; CheckpointMismatchError says when the checkpoint
+    does not fit the workdir's config.json.
+    """
+    config = checkpoint.read_run_config(workdir)
+    exp = experiment_lib.for_inference(config)
+    try:
+      state = experiment_lib.restore_checkpoint(exp, workdir, step)
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointMismatchError(
+          f'the checkpoint in {workdir}/checkpoints does not fit its config.json '
+          f'({config.model.backbone.type}, mask head {config.model.mask_head.type}): {e}') from e
+    return cls(config, {'params': state.params, 'batch_stats': state.batch_stats})
+
+  @classmethod
+  def from_variables(cls, config, directory: str) -> Segmenter:
+    """Converted variables ({'params', 'batch_stats'}, checkpoint.save_variables) of the model
+    that `config` describes."""
+    model = mask_rcnn.MaskRCNN.from_config(config)
+    spec = pipeline.PreprocessSpec(image_size=config.data.image_size, max_instances=1,
+                                   mask_size=config.data.mask_size, allowed_mask_ids=(),
+                                   train=False)
+    dummy = pipeline.dummy_batch(spec, batch_size=1)
+    shapes = jax.eval_shape(lambda: model.init(
+        {'params': jax.random.key(0), 'sampling': jax.random.key(0)}, dummy, train=True))
+    target = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+    try:
+      variables = checkpoint.load_variables(directory, target)
+    except FileNotFoundError:
+      raise
+    except (ValueError, TypeError, KeyError) as e:
+      raise CheckpointMismatchError(
+          f'{directory} does not fit the config\'s model ({config.model.backbone.type}, mask '
+          f'head {config.model.mask_head.type}, image size {config.data.image_size}): {e}') from e
+    return cls(config, flax.core.unfreeze(variables))
+
+  def encode(self, image: np.ndarray) -> Encoded:
+    """image: [H, W, 3] uint8 RGB, any size -> its features (the backbone runs once)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f'expected an [H, W, 3] uint8 image, got {image.shape} {image.dtype}')
+    inputs, scale = pipeline.preprocess_image(tf.constant(image), self.image_size)
+    features = self._features(self.variables, jnp.asarray(inputs.numpy()[None]))
+    return Encoded(features, float(scale.numpy()), image.shape[0], image.shape[1])
+
+  def box_masks(self, encoded: Encoded, boxes: np.ndarray,
+                classes: np.ndarray | None = None) -> np.ndarray:
+    """boxes [N, 4] (y1, x1, y2, x2) original-image pixels -> [N, m, m] float32 mask
+    probabilities relative to each box (ops/masks.py convention). classes [N] (default 1)
+    matter only to class-specific mask heads."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    num = len(boxes)
+    if classes is None:
+      classes = np.ones([num], np.int32)
+    bucket = max(MIN_BOX_BUCKET, 1 << max(num - 1, 0).bit_length())
+    padded = np.zeros([1, bucket, 4], np.float32)
+    padded[0, :, 2:] = 1.0  # padding slots hold a valid 1-pixel box; their masks are dropped
+    padded[0, :num] = boxes * encoded.scale
+    padded_classes = np.ones([1, bucket], np.int32)
+    padded_classes[0, :num] = classes
+    probs = self._box_masks(self.variables, encoded.features, jnp.asarray(padded),
+                            jnp.asarray(padded_classes))
+    return np.asarray(probs[0, :num])
