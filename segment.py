@@ -5,6 +5,9 @@ r"""Masks for boxes you give, on any images, from any of our checkpoints (no det
   python segment.py --workdir=workdirs/demo --coco_annotations=instances.json --image_dir=images/
   python segment.py --config=experiments/deepmarc_spinenet.py --variables=/path/to/converted \
       --images=photo.jpg --boxes=0.1,0.2,0.5,0.6 --box_format=yxyx_norm
+  python segment.py --workdir=workdirs/demo --serve [--port=8000] [--samples=DIR]
+      the browser page on http://127.0.0.1:8000: upload or pick an image, draw, move and delete
+      boxes, see the masks, download the COCO JSON and the label PNG
 
 Boxes: inline (boxes separated by spaces or ';'), or a JSON file holding a list of boxes (one
 image) or {image file name: [boxes]}, a box being four numbers or {"box": [...],
@@ -47,6 +50,10 @@ _BOX_FORMAT = flags.DEFINE_enum('box_format', 'xyxy', ['xyxy', 'xywh', 'yxyx_nor
 _OUT_DIR = flags.DEFINE_string('out_dir', 'segment_out', 'Where the outputs go.')
 _THRESHOLD = flags.DEFINE_float('threshold', None,
                                 'Mask probability threshold (default: the config\'s eval one).')
+_SERVE = flags.DEFINE_bool('serve', False, 'Serve the browser page on 127.0.0.1 instead.')
+_PORT = flags.DEFINE_integer('port', 8000, 'With --serve: the port (0 picks a free one).')
+_SAMPLES = flags.DEFINE_string('samples', None, 'With --serve: a folder of images to pick from.')
+_MAX_UPLOAD_MB = flags.DEFINE_float('max_upload_mb', 20.0, 'With --serve: the largest upload.')
 _SAVE_PROBABILITIES = flags.DEFINE_bool(
     'save_probabilities', False, 'Also write NAME_probabilities.npz: the box-relative masks, the '
     'boxes and the probabilities pasted at the original resolution (float16).')
@@ -79,6 +86,22 @@ def _jobs():
           for i, path in enumerate(_IMAGES.value)]
 
 
+def _serve(segmenter) -> None:
+  from deepmarc_jax.masks_from_boxes import server  # pylint: disable=g-import-not-at-top
+  app_state = server.App(segmenter, _SAMPLES.value, int(_MAX_UPLOAD_MB.value * (1 << 20)))
+  try:
+    httpd = server.make_server(app_state, '127.0.0.1', _PORT.value)
+  except OSError as e:
+    _fail(f'cannot listen on 127.0.0.1:{_PORT.value}: {e}')
+  print(f'serving http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C stops)', flush=True)
+  try:
+    httpd.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    httpd.server_close()
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments: {argv[1:]}')
@@ -88,10 +111,15 @@ def main(argv):
   if _VARIABLES.value and _CONFIG.value is None:
     _fail('--variables needs --config, the experiment config that describes them')
   from deepmarc_jax.masks_from_boxes import boxes as boxes_lib  # pylint: disable=g-import-not-at-top
+  jobs = []
   try:  # what needs no model first: argument errors come before TF and JAX start
-    jobs = _jobs()
+    if not _SERVE.value:
+      jobs = _jobs()
   except boxes_lib.BoxInputError as e:
     _fail(str(e))
+  if _SERVE.value and (_IMAGES.value or _BOXES.value or _COCO.value):
+    _fail('--serve takes images and boxes from the browser: drop --images, --boxes and '
+          '--coco_annotations')
   if _WORKDIR.value and not os.path.isfile(os.path.join(_WORKDIR.value, 'config.json')):
     _fail(f'{_WORKDIR.value}/config.json not found: not a run.py workdir')
 
@@ -110,7 +138,12 @@ def main(argv):
     _fail(str(e))
   print(f'model: {segmenter.config.model.backbone.type} + {segmenter.config.model.mask_head.type} '
         f'mask head at {segmenter.image_size} px, from {source}', flush=True)
-  threshold = segmenter.mask_threshold if _THRESHOLD.value is None else _THRESHOLD.value
+  if _THRESHOLD.value is not None:
+    segmenter.mask_threshold = _THRESHOLD.value
+  threshold = segmenter.mask_threshold
+  if _SERVE.value:
+    _serve(segmenter)
+    return
   summary = files.segment_files(segmenter, jobs, _OUT_DIR.value, threshold,
                                 _SAVE_PROBABILITIES.value, log=lambda line: print(line, flush=True))
   print(f'{summary.images_done} image(s) segmented, {summary.boxes_done} mask(s); '

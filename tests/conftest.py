@@ -22,6 +22,20 @@ ORACLE_PYTHON = pathlib.Path(os.environ.get(
     'DEEPMARC_ORACLE_PYTHON', REPO / '.venv-oracle' / 'bin' / 'python'))
 
 
+# Chromium and its driver from the OS packages (`apt-get install chromium chromium-driver`).
+CHROMIUM = pathlib.Path(os.environ.get('DEEPMARC_CHROMIUM', '/usr/bin/chromium'))
+CHROMEDRIVER = pathlib.Path(os.environ.get('DEEPMARC_CHROMEDRIVER', '/usr/bin/chromedriver'))
+
+
+def browser_missing() -> str | None:
+  """Why the browser tests cannot run, or None if they can."""
+  missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+  if not missing:
+    return None
+  return (f'headless browser not found: {", ".join(missing)}; `apt-get install -y chromium '
+          'chromium-driver` installs them (or set DEEPMARC_CHROMIUM / DEEPMARC_CHROMEDRIVER)')
+
+
 def oracle_missing() -> str | None:
   """Why the oracle tests cannot run (the missing interpreter, the fix), or None if they can."""
   if ORACLE_PYTHON.exists():
@@ -31,17 +45,23 @@ def oracle_missing() -> str | None:
           'DEEPMARC_ORACLE_PYTHON to its python')
 
 
+# marker: (why it cannot run, the variable that makes that a failure instead of a skip)
+_TIERS = {'oracle': (oracle_missing, 'DEEPMARC_REQUIRE_ORACLE'),
+          'browser': (browser_missing, 'DEEPMARC_REQUIRE_BROWSER')}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-  # Before the fixtures' setup (tryfirst), so that the oracle fixtures are never started.
-  if item.get_closest_marker('oracle') is None:
-    return
-  reason = oracle_missing()
-  if reason is None:
-    return
-  if os.environ.get('DEEPMARC_REQUIRE_ORACLE') == '1':
-    pytest.fail(f'DEEPMARC_REQUIRE_ORACLE=1: {reason}', pytrace=False)
-  pytest.skip(reason)
+  # Before the fixtures' setup (tryfirst), so that their fixtures are never started.
+  for marker, (missing, require) in _TIERS.items():
+    if item.get_closest_marker(marker) is None:
+      continue
+    reason = missing()
+    if reason is None:
+      continue
+    if os.environ.get(require) == '1':
+      pytest.fail(f'{require}=1: {reason}', pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope='session')
@@ -59,3 +79,31 @@ def coco_mini_seg_builder(tmp_path_factory, coco_mini_seg_dir):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=str(coco_mini_seg_dir), try_download_gcs=False))
   return builder
+
+
+@pytest.fixture(scope='session')
+def tiny_workdir(tmp_path_factory):
+  """A run.py workdir of the `demo,tiny` model: config.json and a step-1 checkpoint of random
+  weights (noise added: the mask head's last layer starts at zero) whose BatchNorm statistics
+  are moved off their initial values."""
+  import jax
+  import numpy as np
+  from deepmarc_jax import checkpoint
+  from deepmarc_jax import experiment
+  from tests import tiny
+  workdir = tmp_path_factory.mktemp('workdir')
+  config = tiny.config()
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  exp = experiment.for_inference(config)
+  state = experiment.init_state(exp, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  state = state.replace(
+      params=jax.tree_util.tree_map(
+          lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), state.params),
+      batch_stats=jax.tree_util.tree_map(
+          lambda x: x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype), state.batch_stats))
+  ckpt = checkpoint.for_workdir(str(workdir))
+  ckpt.save(1, state, force=True)
+  ckpt.wait()
+  ckpt.close()
+  return workdir

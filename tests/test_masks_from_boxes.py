@@ -91,33 +91,6 @@ def test_inline_json_and_coco_sources(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def tiny_workdir(tmp_path_factory):
-  """A run.py workdir of the `demo,tiny` model: config.json and a step-1 checkpoint of random
-  weights (noise added: the mask head's last layer starts at zero) whose BatchNorm statistics
-  are moved off their initial values."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from deepmarc_jax import experiment  # pylint: disable=g-import-not-at-top
-  from tests import tiny  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('workdir')
-  config = tiny.config()
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  exp = experiment.for_inference(config)
-  state = experiment.init_state(exp, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  state = state.replace(
-      params=jax.tree_util.tree_map(
-          lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), state.params),
-      batch_stats=jax.tree_util.tree_map(
-          lambda x: x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype), state.batch_stats))
-  ckpt = checkpoint.for_workdir(str(workdir))
-  ckpt.save(1, state, force=True)
-  ckpt.wait()
-  ckpt.close()
-  return workdir
-
-
-@pytest.fixture(scope='module')
 def segmenter(tiny_workdir):
   from deepmarc_jax.masks_from_boxes import segmenter as segmenter_lib  # pylint: disable=g-import-not-at-top
   return segmenter_lib.Segmenter.from_workdir(str(tiny_workdir))
@@ -276,3 +249,14 @@ def test_boxes_are_finite_numbers_not_strings_after_parsing():
   (box,) = boxes_lib.interpret(boxes_lib.parse_inline('2,10,12,30'), 'xyxy', H, W)
   assert box.yxyx == (10.0, 2.0, 30.0, 12.0) and all(isinstance(v, float) for v in box.yxyx)
   assert not math.isnan(box.yxyx[0])
+
+
+def test_an_image_whose_boxes_are_all_unusable_still_gets_empty_outputs(tiny_workdir, tmp_path):
+  Image.fromarray(_image()).save(tmp_path / 'a.png')
+  out = tmp_path / 'out'
+  result = _segment(f'--workdir={tiny_workdir}', f'--images={tmp_path / "a.png"}',
+                    '--boxes=300,300,400,400', f'--out_dir={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '1: xyxy [300,300,400,400]: skipped, outside the 150x100 image' in result.stdout
+  assert json.loads((out / 'results.json').read_text()) == []
+  assert not np.asarray(Image.open(out / 'a_labels.png')).any()

@@ -8,6 +8,7 @@ NAME_probabilities.npz; for all images together results.json (COCO results).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import warnings
@@ -28,8 +29,10 @@ class ImageReadError(ValueError):
   """An image file that cannot be used, with the reason."""
 
 
-def read_image(path: str) -> np.ndarray:
-  """[H, W, 3] uint8 RGB pixels as stored (no EXIF rotation: COCO's convention)."""
+def read_image(path: str | io.BytesIO, name: str | None = None) -> np.ndarray:
+  """[H, W, 3] uint8 RGB pixels as stored (no EXIF rotation: COCO's convention), of a file or
+  an in-memory upload; ImageReadError's message starts with `name` (default: the path)."""
+  name = name or str(path)
   previous = Image.MAX_IMAGE_PIXELS
   Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
   try:
@@ -39,11 +42,11 @@ def read_image(path: str) -> np.ndarray:
         image.load()
         return np.asarray(image.convert('RGB'))
   except FileNotFoundError as e:
-    raise ImageReadError(f'{path}: no such file') from e
+    raise ImageReadError(f'{name}: no such file') from e
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise ImageReadError(f'{path}: too large (over {MAX_IMAGE_PIXELS:,} pixels)') from e
+    raise ImageReadError(f'{name}: too large (over {MAX_IMAGE_PIXELS:,} pixels)') from e
   except (OSError, ValueError, SyntaxError) as e:
-    raise ImageReadError(f'{path}: not a readable image ({e})') from e
+    raise ImageReadError(f'{name}: not a readable image ({e})') from e
   finally:
     Image.MAX_IMAGE_PIXELS = previous
 

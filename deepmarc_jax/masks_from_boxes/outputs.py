@@ -24,8 +24,8 @@ from deepmarc_jax.ops import masks as mask_ops
 
 def paste(box_masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
   """[N, m, m] box-relative probabilities, boxes [N, 4] y1x1y2x2 -> [N, height, width] float32."""
-  return np.stack([mask_ops.paste_box_mask(m, b, height, width)
-                   for m, b in zip(box_masks, boxes)]).reshape(-1, height, width)
+  pasted = [mask_ops.paste_box_mask(m, b, height, width) for m, b in zip(box_masks, boxes)]
+  return np.stack(pasted) if pasted else np.zeros((0, height, width), np.float32)
 
 
 def label_image(probabilities: np.ndarray, numbers: Sequence[int], threshold: float
@@ -41,7 +41,7 @@ def label_image(probabilities: np.ndarray, numbers: Sequence[int], threshold: fl
   return np.where(foreground, np.asarray(numbers)[best], 0).astype(dtype)
 
 
-def save_label_png(labels: np.ndarray, path: str) -> None:
+def save_label_png(labels: np.ndarray, path) -> None:
   """An indexed PNG: palette colours for an 8-bit label image (index 0 black), else 16-bit."""
   if labels.dtype == np.uint8:
     image = Image.fromarray(labels, mode='P')
@@ -49,7 +49,7 @@ def save_label_png(labels: np.ndarray, path: str) -> None:
     image.putpalette(colours.reshape(-1).tolist())
   else:
     image = Image.fromarray(labels.astype(np.uint16))
-  image.save(path)
+  image.save(path, format='PNG')  # path may be a file object
 
 
 def coco_results(image_id: int, probabilities: np.ndarray, boxes: np.ndarray,
