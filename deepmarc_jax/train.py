@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from deepmarc_jax import checkpoint
 from deepmarc_jax import experiment as experiment_lib
 from deepmarc_jax import optimizers
+from deepmarc_jax import progress
 from deepmarc_jax import sharding
 from deepmarc_jax.data import pipeline
 from deepmarc_jax.evaluation import loop as eval_loop
@@ -98,11 +99,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   detect, segment = experiment_lib.make_detect(exp), eval_loop.segment_if_configured(exp)
   if _evaluation_missed(config, workdir, start_step):
     logging.info('evaluating step %d first: the run stopped before evaluating it', start_step)
-    eval_loop.write_results(writer, workdir, start_step, eval_loop.evaluate_model(exp, state, detect, segment))
+    eval_loop.write_results(writer, workdir, start_step,
+                            eval_loop.evaluate_model(exp, state, detect, segment))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  bar = progress.ProgressBar(total_steps, start_step, enabled=None if is_main else False)
   preempted = checkpoint.PreemptionFlag()
   step_rng = jax.random.fold_in(rng, 1)
-  history, results = [], None
+  history, results, loss = [], None, None
   try:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -110,6 +113,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, metrics = train_step(state, batch, step_rng)
       history.append(metrics)
       report(step)
+      bar.update(step, loss)
       last, stop = step == total_steps, bool(preempted)
       save = last or stop or ckpt.should_save(step)
       evaluate_now = step % config.eval.every_steps == 0 or last
@@ -122,7 +126,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f'non-finite loss or gradient at a step in ({step - len(history)}, {step}]; '
               f'nothing after the last good checkpoint (step {ckpt.latest_step()}) is saved. '
               'Lower the learning rate or check the data.')
-        history = []
+        history, loss = [], summary['loss']
+        bar.clear()
         writer.write_scalars(step, summary)
         if is_main:
           with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
@@ -134,10 +139,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.warning('SIGTERM: checkpointed step %d and stopping', step)
         return {}
       if evaluate_now:
+        bar.clear()
         with report.timed('eval'):
           results = eval_loop.evaluate_model(exp, state, detect, segment)
         eval_loop.write_results(writer, workdir, step, results)
   finally:
+    bar.close()
     ckpt.wait()
     ckpt.close()
     preempted.close()
@@ -146,7 +153,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results = eval_loop.evaluate_model(exp, state, detect, segment)
     eval_loop.write_results(writer, workdir, int(state.step), results)
   if is_main:
-    eval_loop.write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
+    eval_loop.write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'),
+                                        detect)
   return results
 
 
