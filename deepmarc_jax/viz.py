@@ -61,17 +61,31 @@ def save_grid(images: Sequence[np.ndarray], path: str, cols: int = 4, zoom: int 
 
 def draw_detections(image: np.ndarray, dets: Mapping[str, np.ndarray],
                     categories: Mapping[int, str], seen: Collection[int],
-                    score_threshold: float = 0.5) -> np.ndarray:
+                    score_threshold: float = 0.5, show_scores: bool = True) -> np.ndarray:
   """One input image [S, S, 3] uint8 with its detections above `score_threshold`.
 
   dets: one image's boxes [D, 4] (input pixels), scores [D], classes [D], masks [D, m, m]
-  probabilities. Labels are 'name score', with '*' marking unseen (box-only) classes.
+  probabilities. Labels are 'name score' ('name' without scores), with '*' marking unseen
+  (box-only) classes.
   """
   size = image.shape[0]
   keep = np.nonzero((dets['scores'] >= score_threshold) & (dets['classes'] > 0))[0]
   masks = [mask_ops.paste_box_mask(dets['masks'][k], dets['boxes'][k], size, size)
            for k in keep]
-  labels = [f'{categories.get(int(dets["classes"][k]), "?")}'
-            f'{"" if int(dets["classes"][k]) in seen else "*"} {dets["scores"][k]:.2f}'
-            for k in keep]
+  labels = []
+  for k in keep:
+    category = int(dets['classes'][k])
+    label = categories.get(category, '?') + ('' if category in seen else '*')
+    labels.append(f'{label} {dets["scores"][k]:.2f}' if show_scores else label)
   return overlay(image, np.asarray(masks).reshape(-1, size, size), dets['boxes'][keep], labels)
+
+
+def caption(image: np.ndarray, text: str) -> np.ndarray:
+  """[H, W, 3] uint8 with `text` in white on a dark strip along its bottom edge."""
+  pil = Image.fromarray(np.asarray(image, np.uint8))
+  draw = ImageDraw.Draw(pil)
+  left, top, right, bottom = draw.textbbox((0, 0), text)
+  height = bottom - top + 3
+  draw.rectangle([0, pil.height - height, right - left + 4, pil.height], fill=(0, 0, 0))
+  draw.text((2, pil.height - height + 1 - top), text, fill=(255, 255, 255))
+  return np.asarray(pil)

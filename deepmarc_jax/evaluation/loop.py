@@ -112,20 +112,32 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None
 
 
 def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, detect=None,
-                              num_images: int = 8) -> None:
-  """PNG of the first eval images with their predicted masks drawn on them (detections with
-  score >= config.eval.overlay_score_threshold)."""
+                              segment=None, num_images: int = 8) -> None:
+  """PNG of the first eval images, each twice: its detections (score >=
+  config.eval.overlay_score_threshold) and the masks predicted from its ground-truth boxes (no
+  detector: the paper's Colab setting). '*' marks unseen (box-only) classes."""
   detect = detect or experiment_lib.make_detect(exp)
+  segment = segment or experiment_lib.make_segment_boxes(exp)
   batch = next(iter(tfds.as_numpy(pipeline.eval_dataset(
       exp.config.data, exp.builder, batch_size=exp.config.eval.batch_size))))
-  images = sharding.global_batch({'image': batch['image']}, exp.mesh)['image']
-  dets = jax.device_get(detect(state, images))
+  inputs = sharding.global_batch({k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')},
+                                 exp.mesh)
+  dets = jax.device_get(detect(state, inputs['image']))
+  from_gt = jax.device_get(segment(state, inputs['image'], inputs['gt_boxes'],
+                                   inputs['gt_classes']))
   categories = {c['id']: c['name'] for c in exp.builder.info.metadata['categories']}
-  drawn = [viz.draw_detections(batch['image'][i], {k: v[i] for k, v in dets.items()},
-                                   categories, exp.split_ids['seen'],
-                                   exp.config.eval.overlay_score_threshold)
-           for i in range(min(num_images, len(batch['image'])))
-           if batch['example_valid'][i]]
+  seen = exp.split_ids['seen']
+  drawn = []
+  for i in [i for i in range(len(batch['image'])) if batch['example_valid'][i]][:num_images]:
+    image = batch['image'][i]
+    drawn.append(viz.caption(viz.draw_detections(
+        image, {k: v[i] for k, v in dets.items()}, categories, seen,
+        exp.config.eval.overlay_score_threshold), 'detections'))
+    real = batch['gt_valid'][i] & ~batch['gt_is_crowd'][i]
+    gt = {'boxes': batch['gt_boxes'][i], 'scores': real.astype(np.float32),
+          'classes': batch['gt_classes'][i], 'masks': from_gt[i]}
+    drawn.append(viz.caption(viz.draw_detections(image, gt, categories, seen, 0.5,
+                                                 show_scores=False), 'from GT boxes'))
   viz.save_grid(drawn, path, zoom=max(1, 256 // exp.config.data.image_size))
 
 
@@ -140,7 +152,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
                                                 just_logging=jax.process_index() > 0)
   write_results(writer, workdir, int(state.step), results)
   if jax.process_index() == 0:
-    write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect)
+    write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'), detect,
+                              segment_if_configured(exp))
   return results
 
 
