@@ -72,9 +72,8 @@ def main(argv):
   except config_lib.ConfigError as e:
     _fail(str(e))
 
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.write_run_config(config, _WORKDIR.value)
   logging.info('config:\n%s', config)
 
   if jax_distributed_needed():

@@ -108,6 +108,16 @@ def kept_steps(workdir: str) -> list[int]:
     ckpt.close()
 
 
+def write_run_config(config, workdir: str) -> str:
+  """Writes the resolved config to WORKDIR/config.json (what run.py does first); returns the
+  path. `read_run_config` and the masks-from-boxes tools read it back."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RUN_CONFIG)
+  with open(path, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return path
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config that run.py wrote to WORKDIR/config.json."""
   path = os.path.join(workdir, RUN_CONFIG)
