@@ -87,27 +87,19 @@ def segment_files(segmenter, jobs: Sequence[tuple[str, Any, str, int]], out_dir:
     log(f'image {path} ({width}x{height}), {len(boxes)} box(es):')
     for k, box in enumerate(boxes, 1):
       log(f'  {k}: {boxes_lib.describe(box, box_format)}')
-    used = [(k, b) for k, b in enumerate(boxes, 1) if b.usable]
-    summary.boxes_skipped += len(boxes) - len(used)
-    numbers = [k for k, _ in used]
-    yxyx = np.asarray([b.yxyx for _, b in used], np.float64).reshape(-1, 4)
-    classes = np.asarray([b.category_id for _, b in used], np.int32)
-    if used:
-      box_masks = segmenter.box_masks(segmenter.encode(image), yxyx, classes)
-    else:
-      box_masks = np.zeros((0, 1, 1), np.float32)
-    probabilities = outputs.paste(box_masks, yxyx, height, width)
-    labels = outputs.label_image(probabilities, numbers, threshold)
-    outputs.save_label_png(labels, os.path.join(out_dir, f'{stem}_labels.png'))
+    masks = segmenter.masks(segmenter.encode(image), boxes)
+    numbers, yxyx, probabilities = masks.numbers, masks.boxes, masks.probabilities
+    summary.boxes_skipped += len(boxes) - len(numbers)
+    outputs.save_label_png(masks.labels(threshold), os.path.join(out_dir, f'{stem}_labels.png'))
     Image.fromarray(outputs.overlay(image, probabilities, yxyx, numbers, threshold)).save(
         os.path.join(out_dir, f'{stem}_overlay.png'))
     if save_probabilities:
       np.savez_compressed(os.path.join(out_dir, f'{stem}_probabilities.npz'),
-                          box_masks=box_masks, boxes_yxyx=yxyx, numbers=np.asarray(numbers),
+                          box_masks=masks.box_masks, boxes_yxyx=yxyx, numbers=np.asarray(numbers),
                           probabilities=probabilities.astype(np.float16))
-    results += outputs.coco_results(image_id, probabilities, yxyx, classes, threshold)
+    results += masks.coco_results(image_id, threshold)
     summary.images_done += 1
-    summary.boxes_done += len(used)
+    summary.boxes_done += len(numbers)
   summary.results_path = os.path.join(out_dir, 'results.json')
   with open(summary.results_path, 'w') as f:
     json.dump(results, f)

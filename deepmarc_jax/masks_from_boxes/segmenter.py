@@ -12,6 +12,7 @@ session compiles a handful of shapes. The two steps together compute `MaskRCNN.s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -23,6 +24,8 @@ import tensorflow as tf
 from deepmarc_jax import checkpoint
 from deepmarc_jax import experiment as experiment_lib
 from deepmarc_jax.data import pipeline
+from deepmarc_jax.masks_from_boxes import boxes as boxes_lib
+from deepmarc_jax.masks_from_boxes import outputs
 from deepmarc_jax.models import mask_rcnn
 
 MIN_BOX_BUCKET = 8
@@ -40,6 +43,28 @@ class Encoded:
   scale: float
   height: int
   width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMasks:
+  """The masks of one image's usable boxes, K of them.
+
+  numbers: [K] each box's 1-based position among the boxes given (skipped ones keep theirs);
+  boxes: [K, 4] y1, x1, y2, x2 original-image pixels; classes: [K] int32; box_masks: [K, m, m]
+  box-relative probabilities; probabilities: [K, H, W] pasted at the original resolution.
+  """
+  numbers: list[int]
+  boxes: np.ndarray
+  classes: np.ndarray
+  box_masks: np.ndarray
+  probabilities: np.ndarray
+
+  def labels(self, threshold: float) -> np.ndarray:
+    return outputs.label_image(self.probabilities, self.numbers, threshold)
+
+  def coco_results(self, image_id: int, threshold: float) -> list[dict]:
+    return outputs.coco_results(image_id, self.probabilities, self.boxes, self.classes,
+                                threshold)
 
 
 class Segmenter:
@@ -79,18 +104,10 @@ class Segmenter:
   def from_variables(cls, config, directory: str) -> Segmenter:
     """Converted variables ({'params', 'batch_stats'}, checkpoint.save_variables) of the model
     that `config` describes."""
-    model = mask_rcnn.MaskRCNN.from_config(config)
-    spec = pipeline.PreprocessSpec(image_size=config.data.image_size, max_instances=1,
-                                   mask_size=config.data.mask_size, allowed_mask_ids=(),
-                                   train=False)
-    dummy = pipeline.dummy_batch(spec, batch_size=1)
-    shapes = jax.eval_shape(lambda: model.init(
-        {'params': jax.random.key(0), 'sampling': jax.random.key(0)}, dummy, train=True))
-    target = {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
+    abstract = experiment_lib.abstract_state(experiment_lib.for_inference(config))
+    target = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
     try:
       variables = checkpoint.load_variables(directory, target)
-    except FileNotFoundError:
-      raise
     except (ValueError, TypeError, KeyError) as e:
       raise CheckpointMismatchError(
           f'{directory} does not fit the config\'s model ({config.model.backbone.type}, mask '
@@ -124,3 +141,13 @@ class Segmenter:
     probs = self._box_masks(self.variables, encoded.features, jnp.asarray(padded),
                             jnp.asarray(padded_classes))
     return np.asarray(probs[0, :num])
+
+  def masks(self, encoded: Encoded, boxes: Sequence[boxes_lib.Box]) -> ImageMasks:
+    """The masks of the usable ones of an image's interpreted boxes (boxes_lib.interpret)."""
+    used = [(k, b) for k, b in enumerate(boxes, 1) if b.usable]
+    yxyx = np.asarray([b.yxyx for _, b in used], np.float64).reshape(-1, 4)
+    classes = np.asarray([b.category_id for _, b in used], np.int32)
+    box_masks = (self.box_masks(encoded, yxyx, classes) if used
+                 else np.zeros((0, 1, 1), np.float32))
+    return ImageMasks([k for k, _ in used], yxyx, classes, box_masks,
+                      outputs.paste(box_masks, yxyx, encoded.height, encoded.width))

@@ -105,24 +105,16 @@ class App:
       image, encoded = self._images[image_id]
       height, width = image.shape[:2]
       parsed = boxes_lib.interpret(raw, box_format, height, width)
-      used = [(k, b) for k, b in enumerate(parsed, 1) if b.usable]
-      yxyx = np.asarray([b.yxyx for _, b in used], np.float64).reshape(-1, 4)
-      classes = np.asarray([b.category_id for _, b in used], np.int32)
-      box_masks = (self.segmenter.box_masks(encoded, yxyx, classes) if used
-                   else np.zeros((0, 1, 1), np.float32))
+      masks = self.segmenter.masks(encoded, parsed)
     threshold = self.segmenter.mask_threshold
-    numbers = [k for k, _ in used]
-    probabilities = outputs.paste(box_masks, yxyx, height, width)
-    labels = outputs.label_image(probabilities, numbers, threshold)
     png = io.BytesIO()
-    outputs.save_label_png(labels, png)
-    coco = outputs.coco_results(1, probabilities, yxyx, classes, threshold)
+    outputs.save_label_png(masks.labels(threshold), png)
     return {
         'boxes': [{'number': k, 'given': list(b.given),
                    'used': None if not b.usable else [b.yxyx[1], b.yxyx[0], b.yxyx[3], b.yxyx[2]],
                    'problem': b.problem} for k, b in enumerate(parsed, 1)],
         'labels_png': base64.b64encode(png.getvalue()).decode('ascii'),
-        'coco': coco, 'seconds': time.perf_counter() - start}
+        'coco': masks.coco_results(1, threshold), 'seconds': time.perf_counter() - start}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
