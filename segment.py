@@ -20,7 +20,6 @@ Writes to --out_dir, per image NAME: NAME_labels.png (0 background, k = k-th box
 with --save_probabilities NAME_probabilities.npz; and results.json, COCO results with RLE masks
 for all images (image ids from the COCO file, else 1, 2, ... in order).
 """
-import json
 import os
 import sys
 
@@ -70,11 +69,8 @@ def _jobs():
   if _COCO.value:
     if _IMAGES.value or _BOXES.value:
       _fail('--coco_annotations gives the images and boxes: drop --images and --boxes')
-    per_image = boxes_lib.read_coco(_COCO.value)
-    with open(_COCO.value) as f:
-      ids = {im['file_name']: im['id'] for im in json.load(f)['images']}
-    return [(os.path.join(_IMAGE_DIR.value, name), raw, 'xywh', ids[name])
-            for name, raw in per_image.items()]
+    return [(os.path.join(_IMAGE_DIR.value, name), raw, 'xywh', image_id)
+            for name, image_id, raw in boxes_lib.read_coco_images(_COCO.value)]
   if not _IMAGES.value or not _BOXES.value:
     _fail('give --images and --boxes, or --coco_annotations')
   if os.path.isfile(_BOXES.value) or _BOXES.value.endswith('.json'):

@@ -72,24 +72,28 @@ def read_json(path: str) -> dict[str, list[Any]] | list[Any]:
   return data
 
 
-def read_coco(path: str) -> dict[str, list[dict[str, Any]]]:
-  """{image file_name: [{"box": bbox (xywh pixels), "category_id": id}, ...]} of a COCO
-  instances JSON; images without annotations map to []."""
+def read_coco_images(path: str) -> list[tuple[str, int, list[dict[str, Any]]]]:
+  """[(file_name, image id, [{"box": bbox (xywh pixels), "category_id": id}, ...])] of the
+  images a COCO instances JSON lists, in its order; images without annotations have []."""
   data = read_json(path)
   if not isinstance(data, dict) or not isinstance(data.get('images'), list):
     raise BoxInputError(f'{path}: not a COCO instances file (no "images" list)')
-  names = {}
+  boxes = {}
   for image in data['images']:
     if not isinstance(image, dict) or 'id' not in image or 'file_name' not in image:
       raise BoxInputError(f'{path}: an image entry without "id" or "file_name": {image!r}')
-    names[image['id']] = image['file_name']
-  out = {name: [] for name in names.values()}
+    boxes[image['id']] = []
   for ann in data.get('annotations') or []:
-    if not isinstance(ann, dict) or ann.get('image_id') not in names:
+    if not isinstance(ann, dict) or ann.get('image_id') not in boxes:
       raise BoxInputError(f'{path}: annotation {ann!r} names no listed image')
-    out[names[ann['image_id']]].append(
+    boxes[ann['image_id']].append(
         {'box': ann.get('bbox'), 'category_id': ann.get('category_id', 1)})
-  return out
+  return [(image['file_name'], image['id'], boxes[image['id']]) for image in data['images']]
+
+
+def read_coco(path: str) -> dict[str, list[dict[str, Any]]]:
+  """{image file_name: its boxes} of a COCO instances JSON (see `read_coco_images`)."""
+  return {name: raw for name, _, raw in read_coco_images(path)}
 
 
 def interpret(raw: Sequence[Any], box_format: str, height: int, width: int) -> list[Box]:
