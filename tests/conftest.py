@@ -107,3 +107,36 @@ def tiny_workdir(tmp_path_factory):
   ckpt.wait()
   ckpt.close()
   return workdir
+
+
+def readme_command_one() -> list[str]:
+  """Command 1 of the README (the main job), as argv after `setup.sh &&`, python first."""
+  import shlex
+  lines = [line for line in (REPO / 'README.md').read_text().splitlines()
+           if line.startswith('bash setup.sh') and ' run.py ' in line]
+  assert len(lines) == 1, f'expected one command-1 line in README.md, found {lines}'
+  return shlex.split(lines[0].split('&&', 1)[1])
+
+
+@pytest.fixture(scope='session')
+def demo_workdir(tmp_path_factory):
+  """The workdir of the README's command 1, run as written (only the workdir moved here).
+
+  Command 1 trains for minutes: only slow tests may use it. Its TFDS data dir is the command's
+  own default, so a machine that already built the shapes dataset reuses it, as a user's would.
+  DEEPMARC_DEMO_WORKDIR=DIR (a finished command 1's workdir with its command.log) skips the run
+  while iterating on these tests; CI never sets it.
+  """
+  import subprocess
+  import sys
+  if os.environ.get('DEEPMARC_DEMO_WORKDIR'):
+    return pathlib.Path(os.environ['DEEPMARC_DEMO_WORKDIR'])
+  workdir = tmp_path_factory.mktemp('demo')
+  argv = readme_command_one()
+  assert argv[0] == '.venv/bin/python' and argv[1] == 'run.py', argv
+  argv = [sys.executable] + [f'--workdir={workdir}' if a.startswith('--workdir=') else a
+                             for a in argv[1:]]
+  result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+  (workdir / 'command.log').write_text(result.stdout + result.stderr)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+  return workdir
