@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up: a virtual environment in .venv with the pinned packages
 # and this project installed in editable mode. Uses the machine's python3 (3.11 or 3.12).
-# `bash setup.sh --no-oracle` skips the official-model venv (only the parity tests need it).
+# `bash setup.sh --no-oracle` skips the official-model venvs (only the parity tests need them).
 set -euo pipefail
 with_oracle=1
 for arg in "$@"; do
@@ -21,5 +21,15 @@ if [ "$with_oracle" = 1 ] && [ ! -x .venv-oracle/bin/python ]; then
     bash "$oracle" .venv-oracle > .venv-oracle.log 2>&1 || { cat .venv-oracle.log; exit 1; }
   else
     echo "setup.sh: $oracle not found; the parity tests need the official-model venv" >&2
+  fi
+fi
+# The official TF Object Detection API Deep-MAC in its own venv (parity tests); ~80 s, 1.8 GB.
+deepmac_oracle=../shared/oracle/setup_deepmac_venv.sh
+if [ "$with_oracle" = 1 ] && [ ! -x .venv-oracle-deepmac/bin/python ]; then
+  if [ -f "$deepmac_oracle" ]; then
+    bash "$deepmac_oracle" .venv-oracle-deepmac > .venv-oracle-deepmac.log 2>&1 \
+      || { cat .venv-oracle-deepmac.log; exit 1; }
+  else
+    echo "setup.sh: $deepmac_oracle not found; the Deep-MAC parity tests need it" >&2
   fi
 fi

@@ -16,6 +16,7 @@ from deepmarc_jax.data import coco_format
 from deepmarc_jax.data import coco_instances
 from deepmarc_jax.models import catalogue
 
+META_ARCHS = ('mask_rcnn', 'deepmac')
 TRAIN_CROPS = ('gt', 'proposals')
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('step', 'cosine')
@@ -102,6 +103,28 @@ def base_config() -> ml_collections.ConfigDict:
           hourglass_bn_momentum=0.1,
       ),
       compute_dtype='float32',      # 'bfloat16' on accelerators; params stay float32
+      # meta_arch 'deepmac' (CenterNet, models/centernet.py): the official voc_only config's
+      # values. model.backbone.type is then a catalogue.HOURGLASS_BACKBONES name; the mask
+      # convnet is model.mask_head.type with nc = model.mask_head.num_filters, trained on up to
+      # model.mask_head.max_train_instances GT boxes per image; model.detection.max_detections
+      # peaks are decoded. The Mask R-CNN fields (levels, anchors, rpn, roi_sampler, box_head)
+      # are unused.
+      deepmac=dict(
+          head_filters=256,             # every prediction head's first conv
+          center_bias_init=-2.19,       # the centre heatmap logits' initial bias
+          instance_embedding_dim=32,
+          pixel_embedding_dim=16,
+          mask_size=32,                 # crop side and mask-logit side (box-relative)
+          use_xy=True,                  # y/x coordinate channels in front of the crop
+          use_instance_embedding=True,  # the centre's instance embedding tiled over the crop
+          use_only_last_stage=False,    # mask loss on the last stack only (the 512 recipe)
+          peak_pool_size=3,             # detection: a peak is its 3x3 neighbourhood's max
+          min_box_overlap_iou=0.7,      # centre Gaussians' radius (CenterNet's formula)
+          center_loss_weight=1.0,
+          box_scale_loss_weight=0.1,
+          box_offset_loss_weight=1.0,
+          mask_loss_weight=5.0,
+      ),
   )
 
   config.train = dict(
@@ -144,6 +167,58 @@ def _allowed(errors: list[str], field: str, value, allowed: Sequence) -> None:
                   + ', '.join(map(str, allowed)))
 
 
+def _validate_mask_rcnn(errors: list[str], config: ml_collections.ConfigDict) -> None:
+  data, model = config.data, config.model
+  stride = 2 ** model.max_level
+  if data.image_size <= 0 or data.image_size % stride:
+    errors.append(f'config.data.image_size={data.image_size} must be a positive multiple of '
+                  f'{stride} (2**model.max_level)')
+  _allowed(errors, 'model.backbone.type', model.backbone.type, catalogue.BACKBONES)
+  if model.backbone.type in catalogue.SPINENETS and data.image_size % 128:
+    errors.append(f'config.data.image_size={data.image_size} must be a multiple of 128 for '
+                  f'{model.backbone.type} (its coarsest blocks are at level 7)')
+  _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
+  jitter = model.mask_head.gt_box_jitter
+  if not 0 <= jitter < 1:
+    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} must be in [0, 1) (each box '
+                  'side moves by up to jitter / 2 of the box\'s size)')
+  elif jitter and model.mask_head.train_crops != 'gt':
+    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} applies to GT crops only; '
+                  f'train_crops is {model.mask_head.train_crops!r}')
+  if not 2 <= model.min_level <= model.max_level <= 7:
+    errors.append(f'config.model.min_level/max_level={model.min_level}/{model.max_level} must '
+                  'satisfy 2 <= min_level <= max_level <= 7')
+
+
+def _validate_deepmac(errors: list[str], config: ml_collections.ConfigDict) -> None:
+  data, model, deepmac = config.data, config.model, config.model.deepmac
+  _allowed(errors, 'model.backbone.type', model.backbone.type,
+           tuple(catalogue.HOURGLASS_BACKBONES))
+  spec = catalogue.HOURGLASS_BACKBONES.get(model.backbone.type)
+  if spec is not None:
+    # The stem's stride 4, then one stride-2 encoder per stage.
+    multiple = 4 * 2 ** (len(spec.channel_dims) - 1)
+    if data.image_size <= 0 or data.image_size % multiple:
+      errors.append(f'config.data.image_size={data.image_size} must be a positive multiple of '
+                    f'{multiple} for {model.backbone.type}')
+  if model.mask_head.train_crops != 'gt':
+    errors.append(f'config.model.mask_head.train_crops={model.mask_head.train_crops!r}: '
+                  "Deep-MAC trains its mask branch on ground-truth boxes only ('gt')")
+  if model.mask_head.gt_box_jitter:
+    errors.append(f'config.model.mask_head.gt_box_jitter={model.mask_head.gt_box_jitter}: not '
+                  'implemented for Deep-MAC (the released recipes do not jitter)')
+  for field in ('head_filters', 'instance_embedding_dim', 'pixel_embedding_dim', 'mask_size',
+                'peak_pool_size'):
+    if deepmac[field] <= 0:
+      errors.append(f'config.model.deepmac.{field}={deepmac[field]} must be positive')
+  if not 0 < deepmac.min_box_overlap_iou < 1:
+    errors.append(f'config.model.deepmac.min_box_overlap_iou={deepmac.min_box_overlap_iou} '
+                  'must be in (0, 1)')
+  if model.num_classes < 2:
+    errors.append(f'config.model.num_classes={model.num_classes} must be >= 2 (background + '
+                  'one heatmap channel per category id 1..num_classes - 1)')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError listing every invalid field (name, value and what is allowed)."""
   errors: list[str] = []
@@ -160,27 +235,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 < lo <= hi:
     errors.append(f'config.data.scale_jitter={tuple(data.scale_jitter)} must be (min, max) with '
                   '0 < min <= max')
-  stride = 2 ** model.max_level
-  if data.image_size <= 0 or data.image_size % stride:
-    errors.append(f'config.data.image_size={data.image_size} must be a positive multiple of '
-                  f'{stride} (2**model.max_level)')
   for field in ('max_instances', 'mask_size'):
     if data[field] <= 0:
       errors.append(f'config.data.{field}={data[field]} must be positive')
-
-  _allowed(errors, 'model.backbone.type', model.backbone.type, catalogue.BACKBONES)
-  if model.backbone.type in catalogue.SPINENETS and data.image_size % 128:
-    errors.append(f'config.data.image_size={data.image_size} must be a multiple of 128 for '
-                  f'{model.backbone.type} (its coarsest blocks are at level 7)')
+  _allowed(errors, 'model.meta_arch', model.meta_arch, META_ARCHS)
+  if model.meta_arch == 'deepmac':
+    _validate_deepmac(errors, config)
+  else:
+    _validate_mask_rcnn(errors, config)
   _allowed(errors, 'model.mask_head.type', model.mask_head.type, tuple(catalogue.MASK_HEADS))
-  _allowed(errors, 'model.mask_head.train_crops', model.mask_head.train_crops, TRAIN_CROPS)
-  jitter = model.mask_head.gt_box_jitter
-  if not 0 <= jitter < 1:
-    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} must be in [0, 1) (each box '
-                  'side moves by up to jitter / 2 of the box\'s size)')
-  elif jitter and model.mask_head.train_crops != 'gt':
-    errors.append(f'config.model.mask_head.gt_box_jitter={jitter} applies to GT crops only; '
-                  f'train_crops is {model.mask_head.train_crops!r}')
   if model.mask_head.bn_min_count < 0:
     errors.append(f'config.model.mask_head.bn_min_count={model.mask_head.bn_min_count} must be '
                   '>= 0 (values per channel; 0 = plain BatchNorm)')
@@ -189,15 +252,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   f'{model.mask_head.hourglass_bn_momentum} must be in [0, 1) (Keras semantics: '
                   'the weight of the moving average)')
   head = catalogue.MASK_HEADS.get(model.mask_head.type)
+  crop_field = 'deepmac.mask_size' if model.meta_arch == 'deepmac' else 'mask_head.crop_size'
+  crop_size = model.deepmac.mask_size if model.meta_arch == 'deepmac' else model.mask_head.crop_size
   if isinstance(head, catalogue.HourglassSpec) and head.downsample:
     multiple = 2 ** (len(head.blocks_per_stage) - 1)
-    if model.mask_head.crop_size % multiple:
-      errors.append(f'config.model.mask_head.crop_size={model.mask_head.crop_size} must be a '
-                    f'multiple of {multiple} for {model.mask_head.type} (its stride-2 stages)')
+    if crop_size % multiple:
+      errors.append(f'config.model.{crop_field}={crop_size} must be a multiple of {multiple} '
+                    f'for {model.mask_head.type} (its stride-2 stages)')
   _allowed(errors, 'model.compute_dtype', model.compute_dtype, DTYPES)
-  if not 2 <= model.min_level <= model.max_level <= 7:
-    errors.append(f'config.model.min_level/max_level={model.min_level}/{model.max_level} must '
-                  'satisfy 2 <= min_level <= max_level <= 7')
 
   _allowed(errors, 'train.optimizer.name', train.optimizer.name, OPTIMIZERS)
   _allowed(errors, 'train.optimizer.schedule', train.optimizer.schedule, SCHEDULES)

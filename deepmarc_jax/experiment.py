@@ -19,7 +19,7 @@ from deepmarc_jax import optimizers
 from deepmarc_jax import sharding
 from deepmarc_jax.data import class_splits
 from deepmarc_jax.data import pipeline
-from deepmarc_jax.models import mask_rcnn
+from deepmarc_jax.models import meta_archs
 
 
 @flax.struct.dataclass
@@ -42,7 +42,7 @@ class Experiment:
   config: Any
   mesh: jax.sharding.Mesh
   builder: Any
-  model: mask_rcnn.MaskRCNN
+  model: Any  # a meta_archs model (mask_rcnn.MaskRCNN or centernet.DeepMAC)
   tx: optax.GradientTransformation
   split_ids: dict[str, list[int]]
 
@@ -56,7 +56,7 @@ def setup(config) -> Experiment:
   builder = pipeline.get_builder(config.data)
   category_ids = pipeline.category_ids(builder)
   seen = class_splits.resolve_mask_classes(config.data.mask_classes, category_ids)
-  model = mask_rcnn.MaskRCNN.from_config(config)
+  model = meta_archs.model_from_config(config)
   tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
   return Experiment(config, mesh, builder, model, tx,
                     class_splits.split_of(seen, category_ids))
@@ -66,7 +66,7 @@ def for_inference(config) -> Experiment:
   """An Experiment on one device without data (no builder, no class splits): enough to restore
   a run's checkpoint and run the model (the masks-from-boxes tool)."""
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
-  model = mask_rcnn.MaskRCNN.from_config(config)
+  model = meta_archs.model_from_config(config)
   tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
   return Experiment(config, mesh, None, model, tx, {})
 
@@ -133,17 +133,17 @@ def load_init_from(state: TrainState, path: str) -> TrainState:
 
 
 def make_detect(exp: Experiment):
-  """Jitted `images [B,S,S,3] uint8 -> detections` (see MaskRCNN.detect), replicated outputs."""
+  """Jitted `images [B,S,S,3] uint8 -> detections` (see the model's `detect`), replicated outputs."""
   def detect(state: TrainState, images):
     return exp.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                           method=mask_rcnn.MaskRCNN.detect)
+                           method='detect')
   return jax.jit(detect, out_shardings=sharding.replicated(exp.mesh))
 
 
 def make_segment_boxes(exp: Experiment):
   """Jitted `(state, images [B,S,S,3] uint8, boxes [B,N,4] input pixels, classes [B,N]) ->
-  mask probabilities [B,N,m,m]` (see MaskRCNN.segment_boxes), replicated outputs."""
+  mask probabilities [B,N,m,m]` (see the model's `segment_boxes`), replicated outputs."""
   def segment(state: TrainState, images, boxes, classes):
     return exp.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                           boxes, classes, method=mask_rcnn.MaskRCNN.segment_boxes)
+                           boxes, classes, method='segment_boxes')
   return jax.jit(segment, out_shardings=sharding.replicated(exp.mesh))

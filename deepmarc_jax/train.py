@@ -29,7 +29,7 @@ from deepmarc_jax import progress
 from deepmarc_jax import sharding
 from deepmarc_jax.data import pipeline
 from deepmarc_jax.evaluation import loop as eval_loop
-from deepmarc_jax.models import mask_rcnn
+from deepmarc_jax.models import meta_archs
 
 Experiment = experiment_lib.Experiment
 TrainState = experiment_lib.TrainState
@@ -49,12 +49,13 @@ def make_train_step(exp: Experiment):
   those selects as many more kernels, and the step compiles slower (docs/benchmarks.md).
   """
   model, tx = exp.model, exp.tx
+  model_loss = meta_archs.loss_fn(exp.config)
 
   def loss_fn(params, batch_stats, batch, rng):
     outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch,
                                    train=True, mutable=['batch_stats'],
                                    rngs={'sampling': rng, 'dropout': jax.random.fold_in(rng, 1)})
-    loss, metrics = mask_rcnn.loss(outputs, exp.config.model)
+    loss, metrics = model_loss(outputs, exp.config.model)
     return loss, (metrics, updates['batch_stats'])
 
   def train_step(state: TrainState, batch, rng):

@@ -1,8 +1,9 @@
 """Shared test setup: quiet TF, no GPUs for TF, paths to shared test data, the oracle tier.
 
-Tests marked `oracle` run the official TF Model Garden code (oracle/*.py) in its own venv,
-ORACLE_PYTHON. Without that venv they are skipped, or fail where DEEPMARC_REQUIRE_ORACLE=1
-(CI: a parity test must not pass silently by skipping).
+Tests marked `oracle` run the official code (oracle/*.py) in its own venvs: TF Model Garden's
+Deep-MARC in ORACLE_PYTHON, the TF Object Detection API's Deep-MAC in DEEPMAC_ORACLE_PYTHON.
+Without them they are skipped, or fail where DEEPMARC_REQUIRE_ORACLE=1 (CI: a parity test must
+not pass silently by skipping).
 """
 import os
 import pathlib
@@ -20,6 +21,9 @@ COCO_MINI_SEG = REPO.parent / 'shared' / 'data' / 'coco_mini_seg'
 # The official TF Model Garden in its own venv: setup.sh builds it (from shared/oracle).
 ORACLE_PYTHON = pathlib.Path(os.environ.get(
     'DEEPMARC_ORACLE_PYTHON', REPO / '.venv-oracle' / 'bin' / 'python'))
+# The official TF Object Detection API (Deep-MAC) in its own venv, also built by setup.sh.
+DEEPMAC_ORACLE_PYTHON = pathlib.Path(os.environ.get(
+    'DEEPMARC_DEEPMAC_ORACLE_PYTHON', REPO / '.venv-oracle-deepmac' / 'bin' / 'python'))
 
 
 # Chromium and its driver from the OS packages (`apt-get install chromium chromium-driver`).
@@ -37,12 +41,15 @@ def browser_missing() -> str | None:
 
 
 def oracle_missing() -> str | None:
-  """Why the oracle tests cannot run (the missing interpreter, the fix), or None if they can."""
-  if ORACLE_PYTHON.exists():
+  """Why the oracle tests cannot run (the missing interpreters, the fix), or None if they can."""
+  missing = [f'{path} ({variable})' for path, variable in (
+      (ORACLE_PYTHON, 'DEEPMARC_ORACLE_PYTHON'),
+      (DEEPMAC_ORACLE_PYTHON, 'DEEPMARC_DEEPMAC_ORACLE_PYTHON')) if not path.exists()]
+  if not missing:
     return None
-  return (f'official-model venv not found: {ORACLE_PYTHON} does not exist; `bash setup.sh` '
-          '(without --no-oracle) builds .venv-oracle from ../shared/oracle/setup_venv.sh, or set '
-          'DEEPMARC_ORACLE_PYTHON to its python')
+  return (f'official-model venv(s) not found: {", ".join(missing)}; `bash setup.sh` (without '
+          '--no-oracle) builds .venv-oracle and .venv-oracle-deepmac from ../shared/oracle, or '
+          'set the variable to its python')
 
 
 # marker: (why it cannot run, the variable that makes that a failure instead of a skip)

@@ -26,7 +26,7 @@ from deepmarc_jax import experiment as experiment_lib
 from deepmarc_jax.data import pipeline
 from deepmarc_jax.masks_from_boxes import boxes as boxes_lib
 from deepmarc_jax.masks_from_boxes import outputs
-from deepmarc_jax.models import mask_rcnn
+from deepmarc_jax.models import meta_archs
 
 MIN_BOX_BUCKET = 8
 
@@ -72,16 +72,14 @@ class Segmenter:
 
   def __init__(self, config, variables: dict[str, Any]):
     self.config = config
-    self.model = mask_rcnn.MaskRCNN.from_config(config)
+    self.model = meta_archs.model_from_config(config)
     self.variables = variables
     self.image_size = int(config.data.image_size)
     self.mask_threshold = float(config.eval.mask_threshold)
     model = self.model
-    self._features = jax.jit(
-        lambda v, images: model.apply(v, images, False, method=mask_rcnn.MaskRCNN.features))
+    self._features = jax.jit(lambda v, images: model.apply(v, images, method='encode'))
     self._box_masks = jax.jit(lambda v, features, boxes, classes: jax.nn.sigmoid(
-        model.apply(v, features, boxes, classes, False,
-                    method=mask_rcnn.MaskRCNN.mask_logits).astype(jnp.float32)))
+        model.apply(v, features, boxes, classes, method='box_mask_logits')))
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> Segmenter:

@@ -3,7 +3,8 @@
 Sources: the mask heads of the TF Object Detection API's deepmac_meta_arch.py (`network_type`)
 and of Model Garden's `official/projects/deepmac_maskrcnn/modeling/heads/hourglass_network.py`
 (`hourglass_10` .. `hourglass_100`, `hourglass_20_uniform_size`, `hourglass_20_no_shortcut`);
-the SpineNets of `official/vision/modeling/backbones/spinenet.py` (`SCALING_MAP`).
+CenterNet's stacked Hourglass backbones (`hourglass_104`); the SpineNets of
+`official/vision/modeling/backbones/spinenet.py` (`SCALING_MAP`).
 
 These tables are the single source of allowed names for config validation and of the numbers
 the Flax modules are built from.
@@ -49,6 +50,26 @@ MASK_HEADS: dict[str, HourglassSpec | ResNetHeadSpec | ConvHeadSpec] = {
     'hourglass100': HourglassSpec((4, 4, 4, 4, 4, 8), _HG52[1]),
     'hourglass20_uniform_size': HourglassSpec((1, 2, 2), (2, 2, 3), downsample=False),
     'hourglass20_no_shortcut': HourglassSpec((1, 2, 2), (2, 2, 3), encoder_shortcut=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HourglassBackboneSpec:
+  """CenterNet's stacked Hourglass backbone (hourglass_network.py `HourglassNetwork` with
+  `initial_downsample=True`): stem width, per-stage channels and blocks, number of stacks."""
+  stem_channels: int
+  channel_dims: tuple[int, ...]
+  blocks_per_stage: tuple[int, ...]
+  num_stacks: int
+
+
+HOURGLASS_BACKBONES = {
+    # hourglass_network.hourglass_104(): CenterNet's and Deep-MAC's backbone.
+    'hourglass104': HourglassBackboneSpec(128, (256, 256, 384, 384, 384, 512),
+                                          (2, 2, 2, 2, 2, 4), 2),
+    # The official_deepmac_facts.py oracle's small variant: Hourglass-104's layout (two stacks,
+    # stem, inter-stack merges) with two stages and narrow channels, for parity tests.
+    'hourglass104_tiny': HourglassBackboneSpec(16, (32, 32, 48), (2, 2, 4), 2),
 }
 
 

@@ -1,4 +1,5 @@
-"""Single-hourglass networks used as mask heads (catalogue.MASK_HEADS' `hourglass*` entries).
+"""Hourglass networks: single hourglasses used as mask heads (catalogue.MASK_HEADS' `hourglass*`
+entries) and CenterNet's stacked Hourglass backbone (`StackedHourglass`, Deep-MAC).
 
 Mirrors Model Garden's `deepmac_maskrcnn/modeling/heads/hourglass_network.py` with
 `initial_downsample=False` (the only mode a mask head uses):
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepmarc_jax.models.catalogue import HourglassSpec
+from deepmarc_jax.models.catalogue import HourglassBackboneSpec, HourglassSpec
 from deepmarc_jax.models.layers import ConvBN, Dtype, NormConfig
 
 HOURGLASS_NORM = NormConfig(momentum=0.1, epsilon=1e-5)
@@ -158,3 +159,42 @@ class Hourglass(nn.Module):
                        self.spec.encoder_shortcut, self.norm, self.dtype,
                        name='hourglass_network')(x, train, mask)
     return ConvBN(channel_dims[0], 3, name='output_conv', **conv_bn)(x, train, mask)
+
+
+class StackedHourglass(nn.Module):
+  """CenterNet's Hourglass backbone (the TF OD API's `HourglassNetwork` with
+  `initial_downsample=True`; Hourglass-104 is catalogue.HOURGLASS_BACKBONES['hourglass104']).
+
+  x [B, S, S, 3] (normalized) -> one [B, S/4, S/4, channel_dims[0]] output per stack:
+    downsample_input: 7x7/2 conv (stem_channels) + BN + ReLU, residual block /2 (1x1 conv skip)
+    per stack i: hourglass_network_i (an EncoderDecoder) -> output_conv_i (3x3 conv-BN-ReLU)
+      = output i; between stacks: ReLU(intermediate_conv1_i(input) + intermediate_conv2_i(
+      output)) (each a 1x1 conv-BN) -> intermediate_residual_i -> the next stack's input.
+  """
+  spec: HourglassBackboneSpec
+  norm: NormConfig = HOURGLASS_NORM
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
+    spec = self.spec
+    features = spec.channel_dims[0]
+    conv_bn = dict(norm=self.norm, dtype=self.dtype)
+    x = ConvBN(spec.stem_channels, 7, 2, padding=((3, 3), (3, 3)),
+               name='downsample_input_conv_block', **conv_bn)(x, train)
+    x = ResidualBlock(features, 2, conv_skip=True, name='downsample_input_residual_block',
+                      **conv_bn)(x, train)
+    outputs = []
+    for i in range(spec.num_stacks):
+      y = EncoderDecoder(spec.channel_dims, spec.blocks_per_stage, name=f'hourglass_network_{i}',
+                         **conv_bn)(x, train)
+      y = ConvBN(features, 3, padding=_PAD_1, name=f'output_conv_{i}', **conv_bn)(y, train)
+      outputs.append(y)
+      if i < spec.num_stacks - 1:
+        merged = (ConvBN(features, 1, activation=None, name=f'intermediate_conv1_{i}',
+                         **conv_bn)(x, train)
+                  + ConvBN(features, 1, activation=None, name=f'intermediate_conv2_{i}',
+                           **conv_bn)(y, train))
+        x = ResidualBlock(features, name=f'intermediate_residual_{i}', **conv_bn)(
+            nn.relu(merged), train)
+    return outputs

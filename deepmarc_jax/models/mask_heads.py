@@ -101,6 +101,29 @@ class ResNetMaskNet(nn.Module):
     return x
 
 
+def convnet(type: str, num_filters: int, norm: NormConfig, hourglass_bn_momentum: float,
+            dtype: Dtype) -> nn.Module:
+  """The catalogue.MASK_HEADS convnet `type`, named 'convnet': [R, S, S, C_in] -> [R, S, S, C].
+
+  `default` uses `norm` as it is; the ResNet and hourglass convnets keep their reference
+  momentum/epsilon (the hourglass's momentum is `hourglass_bn_momentum`) and take `norm`'s
+  axis_name and min_count.
+  """
+  if type not in MASK_HEADS:
+    raise ValueError(f'unknown mask head {type!r}; allowed: {sorted(MASK_HEADS)}')
+  spec = MASK_HEADS[type]
+  if isinstance(spec, ConvHeadSpec):
+    return ConvStack(spec.num_convs, num_filters, norm, dtype, name='convnet')
+  if isinstance(spec, ResNetHeadSpec):
+    resnet_norm = dataclasses.replace(RESNET_NORM, axis_name=norm.axis_name,
+                                      min_count=norm.min_count)
+    return ResNetMaskNet(spec, num_filters, resnet_norm, dtype, name='convnet')
+  assert isinstance(spec, HourglassSpec), spec
+  hourglass_norm = dataclasses.replace(HOURGLASS_NORM, momentum=hourglass_bn_momentum,
+                                       axis_name=norm.axis_name, min_count=norm.min_count)
+  return Hourglass(spec, num_filters, hourglass_norm, dtype, name='convnet')
+
+
 class MaskHead(nn.Module):
   """Deep-MARC mask head: [R, S, S, C_in] ROI features -> [R, S*u, S*u] float32 mask logits.
 
@@ -126,21 +149,6 @@ class MaskHead(nn.Module):
   hourglass_bn_momentum: float = HOURGLASS_NORM.momentum
   dtype: Dtype = jnp.float32
 
-  def _convnet(self) -> nn.Module:
-    if self.type not in MASK_HEADS:
-      raise ValueError(f'unknown mask head {self.type!r}; allowed: {sorted(MASK_HEADS)}')
-    spec = MASK_HEADS[self.type]
-    if isinstance(spec, ConvHeadSpec):
-      return ConvStack(spec.num_convs, self.num_filters, self.norm, self.dtype, name='convnet')
-    if isinstance(spec, ResNetHeadSpec):
-      norm = dataclasses.replace(RESNET_NORM, axis_name=self.norm.axis_name,
-                                 min_count=self.norm.min_count)
-      return ResNetMaskNet(spec, self.num_filters, norm, self.dtype, name='convnet')
-    assert isinstance(spec, HourglassSpec), spec
-    norm = dataclasses.replace(HOURGLASS_NORM, momentum=self.hourglass_bn_momentum,
-                               axis_name=self.norm.axis_name, min_count=self.norm.min_count)
-    return Hourglass(spec, self.num_filters, norm, self.dtype, name='convnet')
-
   @nn.compact
   def __call__(self, roi_features: jax.Array, roi_classes: jax.Array | None,
                train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -149,7 +157,8 @@ class MaskHead(nn.Module):
     mask: optional [R] bool, the ROIs whose features enter BatchNorm statistics (padding slots
     then change nothing for the real ones).
     """
-    x = self._convnet()(roi_features, train, mask)
+    x = convnet(self.type, self.num_filters, self.norm, self.hourglass_bn_momentum,
+                self.dtype)(roi_features, train, mask)
     u = self.upsample_factor
     # transpose_kernel: Keras' Conv2DTranspose semantics and kernel layout [u, u, out, in], so
     # fan_out (u*u*in) is the one Keras computes for this initializer.

@@ -384,6 +384,19 @@ class MaskRCNN(nn.Module):
                           .astype(jnp.float32))
 
 
+  # -- masks from boxes: the image encoded once, then any number of box sets ---------------------
+
+  def encode(self, images: jax.Array) -> dict[int, jax.Array]:
+    """uint8 [B, S, S, 3] -> what `box_mask_logits` reads: the feature pyramid."""
+    return self.features(images, train=False)
+
+  def box_mask_logits(self, encoded: dict[int, jax.Array], boxes: jax.Array,
+                      classes: jax.Array) -> jax.Array:
+    """`encode`'s output, boxes [B, N, 4] input pixels, classes [B, N] -> float32 mask logits
+    [B, N, m, m] (box-relative)."""
+    return self.mask_logits(encoded, boxes, classes, train=False).astype(jnp.float32)
+
+
 def _valid_image_hw(image_info, image_size: int, batch_size: int | None = None) -> jax.Array:
   """[B, 2] height/width of the real (unpadded) image region in input pixels."""
   if image_info is None:

@@ -1,4 +1,5 @@
-r"""Official TF Model Garden Deep-MARC checkpoint -> our Flax `{'params', 'batch_stats'}`.
+r"""Official Deep-MARC (TF Model Garden) or Deep-MAC (TF Object Detection API) checkpoint -> our
+Flax `{'params', 'batch_stats'}` (by `config.model.meta_arch`).
 
 Source model: `DeepMaskRCNNModel` (official/projects/deepmac_maskrcnn) saved with
 `tf.train.Checkpoint(model=model)` (what Model Garden's trainer writes, optimizer slots and
@@ -9,6 +10,8 @@ detection head, and a class-agnostic `DeepMaskHead` with any convnet_variant ('d
 
   python -m deepmarc_jax.tools.convert_tf_checkpoint --config=experiments/deepmarc_spinenet.py \
       --tf_checkpoint=/path/to/ckpt-231000 --out=/path/to/converted
+  python -m deepmarc_jax.tools.convert_tf_checkpoint --config=experiments/deepmac_centernet.py \
+      --tf_checkpoint=/path/to/deepmac_1024x1024_coco17/checkpoint/ckpt-0 --out=/path/to/converted
   python run.py --config=experiments/deepmarc_spinenet.py --workdir=W \
       --config.init_from=/path/to/converted   # start training (or fine-tuning) from it
 
@@ -16,6 +19,13 @@ The config must describe the checkpoint's architecture (backbone, widths, heads,
 and num_filters, levels, classes); shapes check what they can. Numbers a checkpoint does not
 hold must be set to the official values by the config: BatchNorm epsilons (SpineNet heads 1e-3,
 ResNet-FPN 1e-4; hourglass 1e-5 is built in), anchors, input size.
+
+Deep-MAC source model: `DeepMACMetaArch` (CenterNet with a stacked Hourglass feature extractor,
+its prediction heads and the DeepMAC mask network, any hourglass `network_type`), saved with
+`tf.train.Checkpoint(model=model)` as the OD API's trainer and the released
+`deepmac_1024x1024_coco17` checkpoint are. All its names are object-graph attribute paths
+(`_feature_extractor/_network/hourglass_network/1/...`, `_prediction_head_dict/object_center/0/
+layer_with_weights-1/kernel`, `_mask_net/_net/...`, `_mask_net/project_out/kernel`).
 
 How names are matched (never by list position):
 * Subclassed Keras layers (heads, hourglass) by their object-graph attribute paths, e.g.
@@ -50,6 +60,7 @@ import numpy as np
 from deepmarc_jax import checkpoint
 from deepmarc_jax.models import catalogue
 from deepmarc_jax.models import mask_rcnn
+from deepmarc_jax.models import meta_archs
 from deepmarc_jax.models import spinenet as spinenet_lib
 
 # Keras leaf -> (our collection, our leaf).
@@ -268,6 +279,55 @@ def mask_head_key(path: str) -> str:
   raise _Unmapped(path)
 
 
+# Deep-MAC (the TF OD API's DeepMACMetaArch): its prediction heads' dict keys -> ours.
+DEEPMAC_HEADS = {'object_center': 'center', 'box/scale': 'box_scale', 'box/offset': 'box_offset',
+                 'INSTANCE_EMBEDDING': 'instance_embedding',
+                 'PIXEL_EMBEDDING': 'pixel_embedding'}
+
+
+def stacked_hourglass_key(path: str) -> tuple[str, str]:
+  """HourglassNetwork (initial_downsample=True, stacked: Hourglass-104) attribute path -> (our
+  hourglass.StackedHourglass module path, Keras leaf)."""
+  match path.split('/'):
+    case ['downsample_input', 'conv_block', part, leaf]:
+      return _conv_bn('downsample_input_conv_block', part, leaf)
+    case ['downsample_input', 'residual_block', *rest]:
+      module, leaf = _hourglass_residual_block(rest)
+      return f'downsample_input_residual_block/{module}', leaf
+    case ['hourglass_network', i, *rest] if i.isdigit():
+      module, leaf = _hourglass_encoder_decoder(rest)
+      return f'hourglass_network_{int(i)}/{module}', leaf
+    case [('output_conv' | 'intermediate_conv1' | 'intermediate_conv2') as name, i, part,
+          leaf] if i.isdigit():
+      return _conv_bn(f'{name}_{int(i)}', part, leaf)
+    case ['intermediate_residual', i, *rest] if i.isdigit():
+      module, leaf = _hourglass_residual_block(rest)
+      return f'intermediate_residual_{int(i)}/{module}', leaf
+  raise _Unmapped(path)
+
+
+def deepmac_key(path: str) -> str:
+  """DeepMACMetaArch attribute path (below the model) -> our centernet.DeepMAC flat key."""
+  match path.split('/'):
+    case ['_feature_extractor', '_network', *rest]:
+      module, leaf = stacked_hourglass_key('/'.join(rest))
+      return _flax(f'backbone/{module}', leaf)
+    case ['_prediction_head_dict', *head, i, layer, leaf] if (
+        '/'.join(head) in DEEPMAC_HEADS and i.isdigit()):
+      # Heads are keyed by name ('box/scale' holds a '/'); the Sequential's layers with
+      # weights are its conv (0) and its 1x1 output conv (1).
+      ours = {'layer_with_weights-0': 'conv', 'layer_with_weights-1': 'out'}.get(layer)
+      if ours is None:
+        raise _Unmapped(path)
+      return _flax(f'heads_{DEEPMAC_HEADS["/".join(head)]}_{int(i)}/{ours}', leaf)
+    case ['_mask_net', '_net', *rest]:
+      module, leaf = hourglass_key('/'.join(rest))
+      return _flax(f'mask_net/convnet/{module}', leaf)
+    case ['_mask_net', 'project_out', leaf]:
+      return _flax('mask_net/project_out', leaf)
+  raise _Unmapped(path)
+
+
 def spinenet_keras_names(spec: catalogue.SpineNetSpec, min_level: int = 3, max_level: int = 7
                          ) -> dict[str, tuple[str, str]]:
   """{our ConvBN path: (Keras conv layer name, Keras BN layer name)} for a fresh Keras session.
@@ -436,7 +496,7 @@ def fpn_layers(settings: mask_rcnn.Settings) -> dict[str, str]:
 def abstract_variables(config) -> dict[str, jax.ShapeDtypeStruct]:
   """Our model's variables for `config` as {'params/...': ShapeDtypeStruct} (no compute)."""
   from deepmarc_jax.data import pipeline
-  model = mask_rcnn.MaskRCNN.from_config(config)
+  model = meta_archs.model_from_config(config)
   spec = pipeline.PreprocessSpec(image_size=config.data.image_size, max_instances=2,
                                  mask_size=config.data.mask_size, allowed_mask_ids=(),
                                  train=True)
@@ -491,6 +551,30 @@ def mapped_variables(ckpt: TFCheckpoint, settings: mask_rcnn.Settings
     yield 'decoder', variable, key
 
 
+def mapped_deepmac_variables(ckpt: TFCheckpoint) -> Iterator[tuple[str, Variable, str | None]]:
+  """(part, variable, our flat key or None when unmapped) for every variable of a Deep-MAC.
+
+  The model is the root's child 'model' (the OD API trainer's `tf.train.Checkpoint(model=...)`)
+  or the root itself; its stateless-RNG counter (`_self_supervised_rng`, for a loss whose weight
+  is 0 in every released config) is not a model weight and is skipped.
+  """
+  model = ckpt.child(0, 'model')
+  model = 0 if model is None else model
+  if ckpt.child(model, '_feature_extractor') is None:
+    names = [ref.local_name for ref in ckpt.nodes[model].children]
+    raise ConversionError(f'{ckpt.path}: no _feature_extractor under the checkpoint root or '
+                          f'its "model" (children: {names}); expected a Deep-MAC (CenterNet) '
+                          'model saved with tf.train.Checkpoint(model=model)')
+  for path, variable in ckpt.variables_under(model).items():
+    part = path.split('/')[0].lstrip('_')
+    if part == 'self_supervised_rng':
+      continue
+    try:
+      yield part, variable, deepmac_key(path)
+    except _Unmapped:
+      yield part, variable, None
+
+
 def convert_checkpoint(tf_checkpoint_path: str, config) -> dict:
   """Reads an official Deep-MARC TF checkpoint into our variables for `config`.
 
@@ -507,11 +591,15 @@ def convert_checkpoint(tf_checkpoint_path: str, config) -> dict:
       and shape mismatch.
   """
   ckpt = TFCheckpoint(tf_checkpoint_path)
-  settings = mask_rcnn.MaskRCNN.from_config(config).settings
+  settings = meta_archs.model_from_config(config).settings
   template = abstract_variables(config)
   out, source = {}, {}
   problems = collections.defaultdict(list)  # kind -> messages
-  for part, variable, key in mapped_variables(ckpt, settings):
+  if config.model.meta_arch == 'deepmac':
+    variables = mapped_deepmac_variables(ckpt)
+  else:
+    variables = mapped_variables(ckpt, settings)
+  for part, variable, key in variables:
     label = f'TF {variable.key} ({variable.full_name}, shape {list(variable.shape)})'
     if key is None:
       problems[f'{part} variables with no counterpart in our model'].append(label)
