@@ -28,7 +28,9 @@ from deepmarc_jax.masks_from_boxes import boxes as boxes_lib
 from deepmarc_jax.masks_from_boxes import outputs
 from deepmarc_jax.models import meta_archs
 
-MIN_BOX_BUCKET = 8
+# Box sets are padded to a power of two (at least this), so the mask head compiles once per
+# bucket, not per count; small buckets keep one box from paying for many.
+MIN_BOX_BUCKET = 1
 
 
 class CheckpointMismatchError(ValueError):
@@ -78,6 +80,11 @@ class Segmenter:
     self.mask_threshold = float(config.eval.mask_threshold)
     model = self.model
     self._features = jax.jit(lambda v, images: model.apply(v, images, method='encode'))
+    # The eval pipeline's own resize and pad, traced once for any image size (eager TF would
+    # spend longer dispatching its ops than a small model spends encoding).
+    self._preprocess = tf.function(
+        lambda image: pipeline.preprocess_image(image, self.image_size),
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
     self._box_masks = jax.jit(lambda v, features, boxes, classes: jax.nn.sigmoid(
         model.apply(v, features, boxes, classes, method='box_mask_logits')))
 
@@ -117,7 +124,7 @@ class Segmenter:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
       raise ValueError(f'expected an [H, W, 3] uint8 image, got {image.shape} {image.dtype}')
-    inputs, scale = pipeline.preprocess_image(tf.constant(image), self.image_size)
+    inputs, scale = self._preprocess(tf.constant(image))
     features = self._features(self.variables, jnp.asarray(inputs.numpy()[None]))
     return Encoded(features, float(scale.numpy()), image.shape[0], image.shape[1])
 
