@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
       mask_size=112,                # GT mask crop size in the batch (Model Garden: 112)
       hflip=True,
       scale_jitter=(0.8, 1.25),     # (min, max) of the random output-size factor
+      # Random hue, contrast, saturation and brightness (the TF OD API's ranges; pipeline.py).
+      color_jitter=False,
       mask_classes='voc',           # 'voc' | 'nonvoc' | 'all' | comma-separated ids
       shuffle_buffer=1000,
       on_bad_input='skip',          # 'skip' (drop and count) | 'error'

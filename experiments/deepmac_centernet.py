@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
   # random crop (docs/design.md, "Deep-MAC").
   data.scale_jitter = (0.6, 1.3)
   data.hflip = True
+  data.color_jitter = True          # random_adjust_hue/contrast/saturation/brightness
   data.mask_classes = 'voc'
 
   model = config.model

@@ -33,13 +33,18 @@ Variants (after ':'):
           gap to hourglass20 too? Its 16-filter cells are the full grid's default GT cells (the
           same resolved config but for hourglass_bn_momentum, which the default head does not
           read): copy them in to run only the 64-filter cells.
+  deepmac finding (2) for CenterNet: the Deep-MAC demo (`deepmac_centernet.py:demo`) with mask
+          networks {default, resnet12, hourglass20, hourglass52} x seeds {0, 1}, 3,000 steps,
+          the full grid's BatchNorm settings. There is no crop-mode contrast: Deep-MAC has no
+          proposals, its mask branch always trains on ground-truth boxes.
 """
 import importlib.util
 import os
 
 from deepmarc_jax import config_lib
 
-VARIANTS = ('quick', 'jitter', 'width')
+VARIANTS = ('quick', 'jitter', 'width', 'deepmac')
+DEEPMAC_HEADS = ('default', 'resnet12', 'hourglass20', 'hourglass52')
 HEADS = ('default', 'resnet4', 'resnet12', 'hourglass20', 'hourglass52')
 
 
@@ -50,10 +55,10 @@ def _variants(arg):
   return variants
 
 
-def _demo_config():
+def _demo_config(experiment: str = 'deepmarc_spinenet'):
   # Config files are loaded by path (ml_collections), so the sibling is too.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'deepmarc_spinenet.py')
-  spec = importlib.util.spec_from_file_location('deepmarc_spinenet', path)
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{experiment}.py')
+  spec = importlib.util.spec_from_file_location(experiment, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config('demo')
@@ -61,9 +66,18 @@ def _demo_config():
 
 def get_config(arg: str | None = None):
   variants = _variants(arg)
-  config = _demo_config()
+  config = _demo_config('deepmac_centernet' if 'deepmac' in variants else 'deepmarc_spinenet')
   config.experiment = 'mask_head_sweep'
   config.eval.gt_box_masks = True
+  if 'deepmac' in variants:
+    config.experiment = 'mask_head_sweep_deepmac'
+    # As the Deep-MARC grid's cells below, for the same reasons (its deep heads see few
+    # crops per batch); Deep-MAC's crops are 32x32 already.
+    config.model.mask_head.bn_min_count = 64.0
+    config.model.mask_head.hourglass_bn_momentum = 0.9
+    config.train.total_steps = 3000
+    config.eval.every_steps = 500
+    return config
   # The grid in docs/results ran at the demo's earlier learning rate; keep it reproducible.
   config.train.optimizer.learning_rate = 1e-3
   if 'quick' in variants:  # the demo itself (hourglass20, 16 px crops), trained both ways
@@ -106,6 +120,8 @@ def get_contrasts(arg: str | None = None):
     return {'model.mask_head.type': 'default'}
   if 'width' in variants:
     return {'model.mask_head.num_filters': 16}
+  if 'deepmac' in variants:
+    return {'model.mask_head.type': 'default'}
   return {'model.mask_head.train_crops': 'proposals', 'model.mask_head.type': 'default'}
 
 
@@ -117,6 +133,8 @@ def get_sweep(arg: str | None = None):
     return {'model.mask_head.type': ['default', 'hourglass20'], 'seed': [0, 1]}
   if 'width' in variants:
     return {'model.mask_head.num_filters': [16, 64], 'seed': [0, 1]}
+  if 'deepmac' in variants:
+    return {'model.mask_head.type': list(DEEPMAC_HEADS), 'seed': [0, 1]}
   return {
       'model.mask_head.type': list(HEADS),
       'model.mask_head.train_crops': ['gt', 'proposals'],

@@ -51,6 +51,7 @@ class PreprocessSpec:
   train: bool
   hflip: bool = True
   scale_range: tuple[float, float] = (1.0, 1.0)
+  color_jitter: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +132,28 @@ def _scale_and_offset(height, width, spec: PreprocessSpec, seed):
 # Per-example preprocessing.
 
 
+def color_jitter(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """The TF Object Detection API's random_adjust_hue, _contrast, _saturation, _brightness with
+  their default ranges, in the Deep-MAC recipe's order: [H, W, 3] uint8 -> uint8.
+
+  Hue by U(-0.02, 0.02) of the colour circle, contrast and saturation by factors U(0.8, 1.25),
+  brightness by U(-0.2, 0.2) of the range, each clipped to [0, 1] as the official clips to
+  [0, 255]; per image, from a stateless seed.
+  """
+  x = tf.image.convert_image_dtype(image, tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  x = tf.clip_by_value(tf.image.stateless_random_hue(x, 0.02, seeds[0]), 0.0, 1.0)
+  x = tf.clip_by_value(tf.image.stateless_random_contrast(x, 0.8, 1.25, seeds[1]), 0.0, 1.0)
+  x = tf.clip_by_value(tf.image.stateless_random_saturation(x, 0.8, 1.25, seeds[2]), 0.0, 1.0)
+  x = tf.clip_by_value(tf.image.stateless_random_brightness(x, 0.2, seeds[3]), 0.0, 1.0)
+  return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)
+
+
 def preprocess(example: dict, spec: PreprocessSpec, seed: tf.Tensor) -> dict[str, tf.Tensor]:
   """One TFDS example -> one batch-contract example (see the module docstring)."""
   image = example['image']
+  if spec.train and spec.color_jitter:
+    image = color_jitter(image, seed + 3)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   objects = example['objects']
@@ -284,7 +304,8 @@ def make_spec(data_config, builder: tfds.core.DatasetBuilder, *, train: bool) ->
                                                       category_ids(builder)),
       train=train,
       hflip=data_config.hflip,
-      scale_range=tuple(data_config.scale_jitter))
+      scale_range=tuple(data_config.scale_jitter),
+      color_jitter=data_config.get('color_jitter', False))
 
 
 def train_dataset(data_config, builder: tfds.core.DatasetBuilder, *, batch_size: int, seed: int,

@@ -70,6 +70,17 @@ def gt_box_mask_ap(exp: Experiment, state: TrainState, segment, batches,
   return evaluator.evaluate()['segm']
 
 
+def dataset_classes_only(dets: dict, category_ids) -> dict:
+  """`dets` with class 0 (no detection) where the class is not one of the dataset's categories.
+
+  A model's class space can be larger than the dataset's: CenterNet decodes its top-k peaks of
+  every heatmap channel (90 for COCO's 80 categories), and COCOeval, scoring the ground truth's
+  categories only, ignores such detections; so does the evaluator after this.
+  """
+  known = np.isin(dets['classes'], np.asarray(list(category_ids)))
+  return dict(dets, classes=np.where(known, dets['classes'], 0))
+
+
 def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None) -> dict:
   """COCO bbox/segm AP (overall, per category, seen/unseen) of `state` on the eval split
   (its first `config.eval.max_batches` batches when that is set).
@@ -85,6 +96,7 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None
   if with_gt_boxes:
     segment = segment or experiment_lib.make_segment_boxes(exp)
   groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
+  category_ids = exp.split_ids['seen'] + exp.split_ids['unseen']
   evaluator = new_coco_evaluator(exp, groundtruth_dataset)
   gt_box_evaluator = new_coco_evaluator(exp, groundtruth_dataset) if with_gt_boxes else None
   ds = pipeline.eval_dataset(config.data, exp.builder,
@@ -100,6 +112,7 @@ def evaluate_model(exp: Experiment, state: TrainState, detect=None, segment=None
     local = len(batch['image'])
     mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     dets = {k: v[mine] for k, v in jax.device_get(detect(state, inputs['image'])).items()}
+    dets = dataset_classes_only(dets, category_ids)
     scale = batch['image_info'][:, 2, None, None]
     evaluator.add_predictions(batch['image_id'], dets['boxes'] / scale, dets['scores'],
                               dets['classes'], dets['masks'], batch['example_valid'])
@@ -122,7 +135,8 @@ def write_prediction_overlays(exp: Experiment, state: TrainState, path: str, det
       exp.config.data, exp.builder, batch_size=exp.config.eval.batch_size))))
   inputs = sharding.global_batch({k: batch[k] for k in ('image', 'gt_boxes', 'gt_classes')},
                                  exp.mesh)
-  dets = jax.device_get(detect(state, inputs['image']))
+  dets = dataset_classes_only(jax.device_get(detect(state, inputs['image'])),
+                              exp.split_ids['seen'] + exp.split_ids['unseen'])
   from_gt = jax.device_get(segment(state, inputs['image'], inputs['gt_boxes'],
                                    inputs['gt_classes']))
   categories = {c['id']: c['name'] for c in exp.builder.info.metadata['categories']}
