@@ -9,6 +9,10 @@ Cases (random initialisation, batch 1):
   paper  `experiments/deepmarc_spinenet.py`: SpineNet-143, levels 3-7, 1280 px, hourglass52 mask
          head (64 filters, crop 32 -> 64x64 masks); float32 unless --dtype (the config's own
          compute dtype is bfloat16, which the official side does not run).
+  deepmac `experiments/deepmac_centernet.py:512`: Deep-MAC's Hourglass-104 + hourglass52 mask
+         network (32x32 masks) at 512 px; not in the default --cases. Its official side is
+         oracle/official_deepmac_speed.py (in .venv-oracle-deepmac), run on its own; --official
+         runs the Deep-MARC cases only.
 `--image_size` replaces a case's input size (a multiple of 128; for quick checks).
 
 What is timed is the masks-from-boxes tool's `Segmenter` (deepmarc_jax/masks_from_boxes/
@@ -55,16 +59,17 @@ import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import deepmac_centernet  # noqa: E402  pylint: disable=g-import-not-at-top
 import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import tensorflow as tf  # noqa: E402  (after configure_process: quiet logs)
 
 from deepmarc_jax import config_lib  # noqa: E402
 from deepmarc_jax.masks_from_boxes import segmenter as segmenter_lib  # noqa: E402
-from deepmarc_jax.models import mask_rcnn  # noqa: E402
+from deepmarc_jax.models import meta_archs  # noqa: E402
 
 GiB = 2.0 ** 30
-CASES = ('demo', 'paper')
+CASES = ('demo', 'paper', 'deepmac')
 NUM_BOXES = 16
 ORACLE_PYTHON = os.environ.get('DEEPMARC_ORACLE_PYTHON',
                                os.path.join(REPO, '.venv-oracle', 'bin', 'python'))
@@ -106,7 +111,10 @@ def checksum(image: np.ndarray, boxes: np.ndarray) -> str:
 
 
 def case_config(case: str, dtype: str, image_size: int):
-  config = deepmarc_spinenet.get_config('demo' if case == 'demo' else None)
+  if case == 'deepmac':
+    config = deepmac_centernet.get_config('512')
+  else:
+    config = deepmarc_spinenet.get_config('demo' if case == 'demo' else None)
   config.model.compute_dtype = dtype
   if image_size:
     config.data.image_size = image_size
@@ -116,12 +124,12 @@ def case_config(case: str, dtype: str, image_size: int):
 
 def random_variables(config) -> dict:
   """Backbone and mask-head variables, randomly initialised as training starts them."""
-  model = mask_rcnn.MaskRCNN.from_config(config)
+  model = meta_archs.model_from_config(config)
   size = config.data.image_size
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   boxes = jnp.asarray([[[0.0, 0.0, size / 2, size / 2]]], jnp.float32)
   init = jax.jit(lambda rng: model.init({'params': rng}, images, boxes,
-                                        method=mask_rcnn.MaskRCNN.segment_boxes))
+                                        method='segment_boxes'))
   return jax.block_until_ready(init(jax.random.key(0)))
 
 
@@ -130,6 +138,8 @@ def count(tree) -> int:
 
 
 def params_of(variables: dict, part: str) -> int:
+  if part == 'mask_head' and 'mask_net' in variables['params']:  # Deep-MAC's name for it
+    part = 'mask_net'
   return sum(count(v.get(part, {})) for v in variables.values())
 
 
@@ -218,7 +228,8 @@ def bench(case: str, args, counts: list[int]) -> dict:
 def run_official(args) -> dict[str, dict]:
   """oracle/official_segment_speed.py with the same arguments; its output streams through."""
   command = [ORACLE_PYTHON, os.path.join(REPO, 'oracle', 'official_segment_speed.py'),
-             f'--cases={args.cases}', f'--counts={args.counts}', f'--repeats={args.repeats}',
+             f'--cases={",".join(c for c in args.cases.split(",") if c != "deepmac")}',
+             f'--counts={args.counts}', f'--repeats={args.repeats}',
              f'--demo_repeats={args.demo_repeats}', f'--image_size={args.image_size}']
   print('$ ' + ' '.join(command), flush=True)
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
@@ -261,7 +272,7 @@ def table(ours: dict[str, dict], official: dict[str, dict], counts: list[int]) -
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--cases', default=','.join(CASES))
+  parser.add_argument('--cases', default='demo,paper')
   parser.add_argument('--counts', default='1,4,16')
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per box count')
   parser.add_argument('--demo_repeats', type=int, default=50, help='--repeats of the demo case')

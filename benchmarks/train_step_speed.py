@@ -1,7 +1,8 @@
 r"""Train-step and `detect` cost on the default device: compile time, step time, memory, FLOP/s.
 
   .venv/bin/python benchmarks/train_step_speed.py \
-      [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect] [--repeats=3] [--breakdown] \
+      [--cases=deepmarc,plain,plain_2fc,demo,demo_resnet,detect,deepmac] [--repeats=3] \
+      [--breakdown] \
       [--dtype=float32]
 
 Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `train_step`):
@@ -18,6 +19,10 @@ Cases (float32 unless --dtype, synthetic batches, the real trainer's jitted `tra
             128 px, batch 8): the CPU demo's step.
   demo_resnet  the same with a narrow R50-FPN (64 filters) as backbone.
   detect    `detect` (1000 proposals, top 100, hourglass52 masks) at 512, batch 1, s/image.
+  deepmac   Deep-MAC's 512 recipe (`experiments/deepmac_centernet.py:512`: Hourglass-104,
+            hourglass52 mask network on the last stack), batch 2, the mask network on the GT
+            boxes of 5 instances per image; oracle/official_deepmac_speed.py times the official
+            step on the same batch.
 
 Printed per case: compile seconds (trace + lower + XLA compile; for train steps also trace +
 lower alone), step seconds (min and median of --repeats after one warm-up), XLA's static peak
@@ -48,6 +53,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'experiments'))
+import deepmac_centernet  # noqa: E402  pylint: disable=g-import-not-at-top
 import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from deepmarc_jax import config_lib  # noqa: E402
@@ -56,6 +62,7 @@ from deepmarc_jax import sharding  # noqa: E402
 from deepmarc_jax import experiment  # noqa: E402
 from deepmarc_jax import train  # noqa: E402
 from deepmarc_jax.models import mask_rcnn  # noqa: E402
+from deepmarc_jax.models import meta_archs  # noqa: E402
 from deepmarc_jax.ops import roi_align  # noqa: E402
 
 GiB = 2.0 ** 30
@@ -86,6 +93,15 @@ def demo_config(backbone: str = 'spinenet49'):
   if backbone != config.model.backbone.type:
     config.model.backbone.type = backbone
     config.model.fpn_filters = 64
+  return config
+
+
+def deepmac_512():
+  """Deep-MAC's 512 recipe (Hourglass-104 + hourglass52 on the last stack), batch 2."""
+  config = deepmac_centernet.get_config('512')
+  config.data.max_instances = 5
+  config.model.mask_head.max_train_instances = 5
+  config.train.batch_size = 2
   return config
 
 
@@ -120,7 +136,7 @@ def make_experiment(config) -> experiment.Experiment:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizers.make_optimizer(config.train.optimizer, config.train.total_steps)
-  return experiment.Experiment(config, mesh, None, mask_rcnn.MaskRCNN.from_config(config), tx, {})
+  return experiment.Experiment(config, mesh, None, meta_archs.model_from_config(config), tx, {})
 
 
 def compiled_stats(compiled) -> tuple[float, float]:
@@ -250,7 +266,7 @@ def breakdown(config, num_instances: int, repeats: int) -> None:
     print(f'  {name:<28s} {best:7.3f} s (median {median:7.3f}) fwd+bwd', flush=True)
 
 
-CASES = ('deepmarc', 'plain', 'plain_2fc', 'demo', 'demo_resnet', 'detect')
+CASES = ('deepmarc', 'plain', 'plain_2fc', 'demo', 'demo_resnet', 'detect', 'deepmac')
 
 
 def main():
@@ -283,6 +299,8 @@ def main():
       bench_train_step(case, config, num_instances=5, repeats=args.repeats)
       if args.breakdown:
         breakdown(config, num_instances=5, repeats=args.repeats)
+    elif case == 'deepmac':
+      bench_train_step(case, configured(deepmac_512()), num_instances=5, repeats=args.repeats)
     else:
       bench_detect(configured(maskrcnn_512('deepmarc')), args.repeats)
 

@@ -148,3 +148,18 @@ def test_run_py_trains_and_evaluates_deepmac(tmp_path):
   assert result.returncode == 0, result.stderr[-5000:]
   assert (tmp_path / 'eval_6.json').exists() and (tmp_path / 'predictions.png').exists()
   assert 'segm@GT' in result.stdout and 'center_loss' in result.stderr
+
+
+@pytest.mark.parametrize('name, official', [
+    ('hourglass10', 401_376), ('hourglass20', 3_110_160), ('hourglass32', 5_877_840),
+    ('hourglass52', 23_464_384)])
+def test_one_stack_backbones_have_the_official_parameter_counts(name, official):
+  """The OD API's one-stack CenterNet Hourglass backbones (parameters + BatchNorm statistics,
+  counted from its `center_net_hourglass_feature_extractor.hourglass_*()`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.models import catalogue  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.models import hourglass  # pylint: disable=g-import-not-at-top
+  backbone = hourglass.StackedHourglass(catalogue.HOURGLASS_BACKBONES[name])
+  shapes = jax.eval_shape(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)),
+                                                train=False))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == official

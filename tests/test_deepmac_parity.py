@@ -186,7 +186,7 @@ def test_detections_and_masks_for_given_boxes_match(official, ours):
   _close(masks, theirs['prompt/masks'], 'masks for given boxes')
 
 
-def test_full_size_parameter_counts_equal_the_official(monkeypatch):
+def test_full_size_parameter_counts_equal_the_official():
   """Hourglass-104 + hourglass100 at the recipe's widths, per component
   (shared/reference/official-deepmac-oracle.md section 4.1), from shapes only."""
   from deepmarc_jax.tools import convert_tf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -203,3 +203,25 @@ def test_full_size_parameter_counts_equal_the_official(monkeypatch):
                     'heads_instance_embedding': 2 * 205_088,
                     'heads_pixel_embedding': 2 * 200_976, 'mask_net': 47_276_545}
   assert sum(counts.values()) == 239_495_325
+
+
+@pytest.mark.oracle
+def test_converter_names_what_does_not_match(official):
+  """A config whose model differs from the checkpoint's stops the conversion, naming both sides;
+  a Deep-MARC config on a Deep-MAC checkpoint says what it expected."""
+  from deepmarc_jax.tools import convert_tf_checkpoint  # pylint: disable=g-import-not-at-top
+  _, _, ckpt = official
+  config = _config()
+  config.model.mask_head.type = 'hourglass52'
+  with pytest.raises(convert_tf_checkpoint.ConversionError) as error:
+    convert_tf_checkpoint.convert_checkpoint(ckpt, config)
+  message = str(error.value)
+  assert 'mask head hourglass52' in message and '_mask_net/_net/' in message
+  assert 'our leaves no TF variable fills' in message and 'params/mask_net/convnet/' in message
+  config = _config()
+  config.model.deepmac.head_filters = 128
+  with pytest.raises(convert_tf_checkpoint.ConversionError, match='shape mismatch'):
+    convert_tf_checkpoint.convert_checkpoint(ckpt, config)
+  deepmarc = deepmac_centernet.config_lib.base_config()
+  with pytest.raises(convert_tf_checkpoint.ConversionError, match='no backbone'):
+    convert_tf_checkpoint.convert_checkpoint(ckpt, deepmarc)

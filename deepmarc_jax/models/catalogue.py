@@ -70,6 +70,13 @@ HOURGLASS_BACKBONES = {
     # The official_deepmac_facts.py oracle's small variant: Hourglass-104's layout (two stacks,
     # stem, inter-stack merges) with two stages and narrow channels, for parity tests.
     'hourglass104_tiny': HourglassBackboneSpec(16, (32, 32, 48), (2, 2, 4), 2),
+    # One-stack CenterNet backbones (center_net_hourglass_feature_extractor.hourglass_10/20/32/
+    # 52: single_stage_hourglass with the input downsampling, nc 32/48/48/64).
+    'hourglass10': HourglassBackboneSpec(32, (64, 64), (1, 1), 1),
+    'hourglass20': HourglassBackboneSpec(48, (96, 96, 144), (1, 2, 2), 1),
+    'hourglass32': HourglassBackboneSpec(48, (96, 96, 144, 144), (2, 2, 2, 2), 1),
+    'hourglass52': HourglassBackboneSpec(64, (128, 128, 192, 192, 192, 256), (2, 2, 2, 2, 2, 4),
+                                         1),
 }
 
 
