@@ -90,25 +90,54 @@ def coco_mini_seg_builder(tmp_path_factory, coco_mini_seg_dir):
 
 @pytest.fixture(scope='session')
 def tiny_workdir(tmp_path_factory):
-  """A run.py workdir of the `demo,tiny` model: config.json and a step-1 checkpoint of random
-  weights (noise added: the mask head's last layer starts at zero) whose BatchNorm statistics
-  are moved off their initial values."""
+  """A run.py workdir of the `demo,tiny` Deep-MARC: config.json and a step-1 checkpoint of
+  random weights (noise added: the mask head's last layer starts at zero) whose BatchNorm
+  statistics are moved off their initial values."""
+  from tests import tiny
+  return _random_workdir(tmp_path_factory.mktemp('workdir'), tiny.config())
+
+
+@pytest.fixture(scope='session')
+def deepmac_tiny_workdir(tmp_path_factory):
+  """The same for Deep-MAC's `demo,tiny` (experiments/deepmac_centernet.py)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'deepmac_centernet', REPO / 'experiments' / 'deepmac_centernet.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return _random_workdir(tmp_path_factory.mktemp('deepmac_workdir'),
+                         module.get_config('demo,tiny'), calibrate=True)
+
+
+def _random_workdir(workdir, config, calibrate=False):
+  """`calibrate`: BatchNorm statistics from three training-mode passes over a random batch,
+  params as initialised (two random hourglass stacks with noise added, or with their initial
+  statistics, saturate every mask probability)."""
   import jax
   import numpy as np
   from deepmarc_jax import checkpoint
   from deepmarc_jax import experiment
   from tests import tiny
-  workdir = tmp_path_factory.mktemp('workdir')
-  config = tiny.config()
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   exp = experiment.for_inference(config)
   state = experiment.init_state(exp, jax.random.key(0))
   rng = np.random.default_rng(0)
-  state = state.replace(
-      params=jax.tree_util.tree_map(
-          lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), state.params),
-      batch_stats=jax.tree_util.tree_map(
-          lambda x: x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype), state.batch_stats))
+  if calibrate:
+    batch = tiny.batch(num_instances=3, max_instances=config.data.max_instances,
+                       size=config.data.image_size)
+    stats = state.batch_stats
+    for _ in range(3):
+      _, updates = exp.model.apply({'params': state.params, 'batch_stats': stats}, batch,
+                                   train=True, mutable=['batch_stats'],
+                                   rngs={'sampling': jax.random.key(1)})
+      stats = updates['batch_stats']
+    state = state.replace(batch_stats=stats)
+  else:
+    state = state.replace(
+        params=jax.tree_util.tree_map(
+            lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), state.params),
+        batch_stats=jax.tree_util.tree_map(
+            lambda x: x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype), state.batch_stats))
   ckpt = checkpoint.for_workdir(str(workdir))
   ckpt.save(1, state, force=True)
   ckpt.wait()

@@ -161,10 +161,6 @@ class DeepMAC(nn.Module):
     self.mask_net = MaskNet(s.mask_head_type, s.mask_filters, norm, s.hourglass_bn_momentum,
                             s.dtype)
 
-  @property
-  def num_stacks(self) -> int:
-    return catalogue.HOURGLASS_BACKBONES[self.settings.backbone].num_stacks
-
   # -- shared pieces ----------------------------------------------------------------------------
 
   def features(self, images: jax.Array, train: bool) -> list[jax.Array]:
@@ -222,7 +218,7 @@ class DeepMAC(nn.Module):
 
   def __call__(self, batch: dict[str, jax.Array], train: bool = True) -> dict[str, Any]:
     """The training forward: per-stack predictions, the mask logits of GT boxes on each stack
-    used for the mask loss, and every target (see centernet_losses.loss for the keys)."""
+    used for the mask loss, and every target: what `loss` below reads."""
     s = self.settings
     predictions = self.predict(batch['image'], train)
     gt_valid = batch['gt_valid'] & ~batch['gt_is_crowd']
