@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,6 +60,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
 import deepmac_centernet  # noqa: E402  pylint: disable=g-import-not-at-top
 import deepmarc_spinenet  # noqa: E402  pylint: disable=g-import-not-at-top
+# The official programs' side shares these (oracle/bench_inputs.py: plain numpy).
+sys.path.insert(0, os.path.join(REPO, 'oracle'))
+from bench_inputs import NUM_BOXES, checksum, cpu_line  # noqa: E402
+from bench_inputs import segment_inputs as inputs  # noqa: E402
 
 import tensorflow as tf  # noqa: E402  (after configure_process: quiet logs)
 
@@ -70,44 +73,14 @@ from deepmarc_jax.models import meta_archs  # noqa: E402
 
 GiB = 2.0 ** 30
 CASES = ('demo', 'paper', 'deepmac')
-NUM_BOXES = 16
 ORACLE_PYTHON = os.environ.get('DEEPMARC_ORACLE_PYTHON',
                                os.path.join(REPO, '.venv-oracle', 'bin', 'python'))
 
 
-def cpu_line() -> str:
-  """The CPU model and its vector extensions, from /proc/cpuinfo."""
-  model, flags = platform.processor() or '?', []
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if key.strip() == 'model name':
-          model = value.strip()
-        elif key.strip() == 'flags':
-          flags = value.split()
-          break
-  except OSError:
-    pass
-  vector = [f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c'))]
-  return f'cpu {model}, {os.cpu_count()} cpus, {" ".join(sorted(vector)) or "no AVX"}'
 
 
-def inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The image [size, size, 3] uint8 and NUM_BOXES boxes [N, 4] (y1, x1, y2, x2 pixels);
-  oracle/official_segment_speed.inputs is the same code."""
-  image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-  rng = np.random.default_rng(1)
-  boxes = np.zeros((NUM_BOXES, 4), np.float32)
-  for k in range(NUM_BOXES):
-    h, w = np.exp(rng.uniform(np.log(size / 16), np.log(size / 2), 2))
-    y, x = rng.uniform(0, size - h), rng.uniform(0, size - w)
-    boxes[k] = [y, x, y + h, x + w]
-  return image, boxes
 
 
-def checksum(image: np.ndarray, boxes: np.ndarray) -> str:
-  return f'image sum {int(image.sum(dtype=np.int64))}, boxes sum {float(boxes.sum()):.3f}'
 
 
 def case_config(case: str, dtype: str, image_size: int):

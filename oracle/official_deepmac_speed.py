@@ -23,31 +23,19 @@ Prints the CPU line and one `RESULT {json}` line. Printed, not asserted: docs/be
 """
 import argparse
 import json
-import os
 import statistics
 import time
 
 import deepmac_official  # noqa: F401  (first: sets up TensorFlow)
 import numpy as np
 import tensorflow as tf
+from bench_inputs import cpu_line, segment_inputs
 from deepmac_official import log
 from object_detection import exporter_lib_v2
 
 NUM_CLASSES = 90
 
 
-def cpu_line() -> str:
-  model, flags = '?', []
-  with open('/proc/cpuinfo') as f:
-    for line in f:
-      key, _, value = line.partition(':')
-      if key.strip() == 'model name':
-        model = value.strip()
-      elif key.strip() == 'flags':
-        flags = value.split()
-        break
-  vector = [f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c'))]
-  return f'cpu {model}, {os.cpu_count()} cpus, {" ".join(sorted(vector)) or "no AVX"}'
 
 
 def synthetic_batch(size: int, batch: int = 2, num: int = 5, seed: int = 0):
@@ -70,15 +58,9 @@ def synthetic_batch(size: int, batch: int = 2, num: int = 5, seed: int = 0):
   return images, boxes, classes, masks
 
 
-def prompt_inputs(size: int, num: int = 16):
-  """benchmarks/segment_speed.inputs' draws: one image and `num` boxes (normalised yxyx)."""
-  image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-  rng = np.random.default_rng(1)
-  boxes = np.zeros((num, 4), np.float32)
-  for k in range(num):
-    h, w = np.exp(rng.uniform(np.log(size / 16), np.log(size / 2), 2))
-    y, x = rng.uniform(0, size - h), rng.uniform(0, size - w)
-    boxes[k] = [y, x, y + h, x + w]
+def prompt_inputs(size: int):
+  """benchmarks/segment_speed's image and its 16 boxes, the boxes normalised (y1, x1, y2, x2)."""
+  image, boxes = segment_inputs(size)
   return image, boxes / size
 
 
