@@ -126,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
           box_scale_loss_weight=0.1,
           box_offset_loss_weight=1.0,
           mask_loss_weight=5.0,
+          # Crowd boxes in the centre, size and offset targets, as the OD API's input pipeline
+          # keeps them; False leaves them out as Mask R-CNN does. Never in the mask loss.
+          crowd_boxes_as_objects=True,
       ),
   )
 

@@ -55,6 +55,8 @@ def get_config(arg: str | None = None):
   model.mask_head.max_train_instances = 100  # every GT box of an image
   model.detection.max_detections = 100  # max_box_predictions
   model.compute_dtype = 'bfloat16'
+  # The OD API's input pipeline keeps crowd boxes: its CenterNet learns them as objects.
+  model.deepmac.crowd_boxes_as_objects = True
 
   train = config.train
   train.batch_size = 128

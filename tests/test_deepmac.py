@@ -163,3 +163,46 @@ def test_one_stack_backbones_have_the_official_parameter_counts(name, official):
   shapes = jax.eval_shape(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 128, 128, 3)),
                                                 train=False))
   assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == official
+
+
+@pytest.mark.parametrize('as_objects', [True, False])
+def test_crowd_boxes_are_objects_only_when_the_flag_says_so(as_objects):
+  """The OD API's input keeps crowd boxes, so its CenterNet's centre, size and offset targets
+  include them (the recipes' value); with the flag off they are left out as Mask R-CNN does.
+  The mask loss never sees them either way."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.ops import heatmaps  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = deepmac_centernet.get_config('demo,tiny')
+  assert config.model.deepmac.crowd_boxes_as_objects  # the official value, in the recipe
+  config.model.deepmac.crowd_boxes_as_objects = as_objects
+  config.data.image_size = 64
+  model = centernet.DeepMAC.from_config(config)
+  batch = tiny.batch(num_instances=3, max_instances=4, batch_size=1, size=64)
+  batch['gt_boxes'] = batch['gt_boxes'] * 0.5  # inside 64 px
+  batch['image_info'][:] = [64.0, 64.0, 1.0, 1.0]
+  batch['gt_is_crowd'][0, 1] = True
+  rngs = {'params': jax.random.PRNGKey(0), 'sampling': jax.random.PRNGKey(1)}
+  variables = model.init(rngs, batch, train=False)
+  out = model.apply(variables, batch, train=False, rngs={'sampling': jax.random.PRNGKey(1)})
+  size = config.data.image_size
+  expected_valid = batch['gt_valid'] & (as_objects | ~batch['gt_is_crowd'])
+  expected = heatmaps.batch_targets(
+      batch['gt_boxes'], batch['gt_classes'], expected_valid, batch['image_info'],
+      input_hw=(size, size), num_classes=config.model.num_classes - 1,
+      stride=centernet.OUTPUT_STRIDE, min_overlap=config.model.deepmac.min_box_overlap_iou)
+  without_crowd = heatmaps.batch_targets(
+      batch['gt_boxes'], batch['gt_classes'], batch['gt_valid'] & ~batch['gt_is_crowd'],
+      batch['image_info'], input_hw=(size, size), num_classes=config.model.num_classes - 1,
+      stride=centernet.OUTPUT_STRIDE, min_overlap=config.model.deepmac.min_box_overlap_iou)
+  for key in expected._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(out['targets'], key)),
+                                  np.asarray(getattr(expected, key)), key)
+  # The crowd box's Gaussian is in the heatmap target exactly when it counts as an object, so
+  # the comparison above tells the two settings apart.
+  differs = not np.array_equal(np.asarray(expected.heatmap), np.asarray(without_crowd.heatmap))
+  assert differs == as_objects
+  # Mask slots: the crowd box's weight is 0 whatever the flag.
+  weights = np.asarray(out['mask_weights'])
+  slots = np.asarray(batch['gt_valid'] & batch['gt_mask_allowed'] & ~batch['gt_is_crowd'])
+  assert weights.sum() == slots.sum()

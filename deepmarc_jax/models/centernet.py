@@ -79,6 +79,7 @@ class Settings:
   dtype: Any
   mask_bn_min_count: float = 0.0
   hourglass_bn_momentum: float = 0.1
+  crowd_boxes_as_objects: bool = True  # crowd boxes get centre / size / offset targets
 
 
 class PredictionHead(nn.Module):
@@ -137,7 +138,8 @@ class DeepMAC(nn.Module):
         norm=layers.NormConfig(m.backbone.bn_momentum, m.backbone.bn_epsilon),
         dtype=_DTYPES[m.compute_dtype],
         mask_bn_min_count=m.mask_head.get('bn_min_count', 0.0),
-        hourglass_bn_momentum=m.mask_head.get('hourglass_bn_momentum', 0.1)))
+        hourglass_bn_momentum=m.mask_head.get('hourglass_bn_momentum', 0.1),
+        crowd_boxes_as_objects=d.crowd_boxes_as_objects))
 
   def setup(self):
     s = self.settings
@@ -222,8 +224,11 @@ class DeepMAC(nn.Module):
     s = self.settings
     predictions = self.predict(batch['image'], train)
     gt_valid = batch['gt_valid'] & ~batch['gt_is_crowd']
+    # The OD API's input pipeline keeps crowd boxes, so its CenterNet learns them as objects;
+    # Mask R-CNN (Model Garden) never matches them. The mask branch never trains on them.
+    object_valid = batch['gt_valid'] if s.crowd_boxes_as_objects else gt_valid
     targets = heatmaps.batch_targets(
-        batch['gt_boxes'], batch['gt_classes'], gt_valid, batch['image_info'],
+        batch['gt_boxes'], batch['gt_classes'], object_valid, batch['image_info'],
         input_hw=(s.image_size, s.image_size), num_classes=s.num_classes - 1,
         stride=OUTPUT_STRIDE, min_overlap=s.min_box_overlap_iou)
 
