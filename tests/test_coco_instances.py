@@ -33,8 +33,12 @@ def test_coco_mini_seg_builds_both_splits(coco_mini_seg_builder):
   assert info.splits['train'].num_examples == 128
   assert info.splits['validation'].num_examples == 10
   stats = info.metadata['read_stats']
-  assert stats['train'] == {'images': 128, 'instances': 929, 'skipped': {}}
-  assert stats['validation'] == {'images': 10, 'instances': 77, 'skipped': {}}
+  assert stats['train'] == {'images': 128, 'instances': 929, 'skipped': {}, 'image_entries': 128,
+                            'annotation_entries': 929, 'annotations_of_skipped_images': 0,
+                            'labelled': True}
+  assert stats['validation'] == {'images': 10, 'instances': 77, 'skipped': {},
+                                 'image_entries': 10, 'annotation_entries': 77,
+                                 'annotations_of_skipped_images': 0, 'labelled': True}
   assert len(info.metadata['categories']) == 80
 
 
@@ -134,17 +138,37 @@ def test_shapes_builds_through_the_same_builder(tmp_path):
   assert stats['images'] == 3 and stats['instances'] > 0 and stats['skipped'] == {}
 
 
-def test_tfds_command_line_builds_the_dataset(tmp_path):
+def test_tfds_command_line_builds_the_dataset_and_chooses_the_bad_input_policy(tmp_path):
   """`tfds build coco_instances --imports=deepmarc_jax.data.coco_instances --config=custom
-  --manual_dir=...`: TFDS's own command line finds the registered builder by name."""
+  --manual_dir=...`: TFDS's own command line finds the registered builder by name, skips and
+  logs the bad annotation; `coco_instances/custom/on_bad_input=error` (builder keyword
+  arguments in the name, the TFDS way) stops on it instead."""
   _tiny_coco_dir(tmp_path / 'raw', split='train', gray=False)
   tfds_cli = shutil.which('tfds', path=os.path.dirname(sys.executable))
   assert tfds_cli, 'the tfds command line is not installed'
-  result = subprocess.run(
-      [tfds_cli, 'build', 'coco_instances', '--imports=deepmarc_jax.data.coco_instances',
-       '--config=custom', f'--manual_dir={tmp_path / "raw"}', f'--data_dir={tmp_path / "tfds"}'],
-      capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+  # This checkout's code, not whichever one the virtual environment has installed.
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (repo, os.environ.get('PYTHONPATH')) if p))
+
+  def build(name, *args, data_dir):
+    return subprocess.run(
+        [tfds_cli, 'build', name, '--imports=deepmarc_jax.data.coco_instances', *args,
+         f'--manual_dir={tmp_path / "raw"}', f'--data_dir={tmp_path / data_dir}'],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+
+  result = build('coco_instances', '--config=custom', data_dir='tfds')
   assert result.returncode == 0, result.stderr[-3000:]
   info = tfds.builder_from_directory(str(tmp_path / 'tfds' / 'coco_instances' / 'custom' /
                                          str(CocoInstances.VERSION))).info
   assert info.splits['train'].num_examples == 1
+  assert ('instances_train.json: kept 1 of 1 images and 1 of 2 annotations; skipped 1 '
+          'annotations: 1 degenerate_box') in result.stdout, result.stdout[-3000:]
+
+  result = build('coco_instances/custom/on_bad_input=error', data_dir='strict')
+  assert result.returncode != 0
+  output = result.stdout + result.stderr
+  assert 'instances_train.json: annotation 2 of image 1: degenerate_box' in output, output[-3000:]
+  assert not (tmp_path / 'strict' / 'coco_instances' / 'custom' /
+              str(CocoInstances.VERSION)).exists()

@@ -20,6 +20,22 @@ what the read skipped are in `info.metadata`.
 Command line (the TFDS way; built data go to `--data_dir`, default ~/tensorflow_datasets):
   tfds build coco_instances --imports=deepmarc_jax.data.coco_instances --config=custom \
       --manual_dir=DIR
+
+Bad input (see `coco_format`): each broken image or annotation is skipped, counted in
+`info.metadata['read_stats']` and summarised in one log line per split (`on_bad_input='skip'`,
+the default), or stops the build naming the file and id (`'error'`). The policy and the JSON
+size limit (`max_json_mb`, default `coco_format.DEFAULT_MAX_JSON_MB`) are builder keyword
+arguments, not configs: they do not change what a successful build writes, so they do not
+change the dataset's name or location. Pass them the TFDS way, after the config in the name:
+  tfds build coco_instances/custom/on_bad_input=error,max_json_mb=2048 \
+      --imports=deepmarc_jax.data.coco_instances --manual_dir=DIR
+  tfds.builder('coco_instances/custom', on_bad_input='error')   # or CocoInstances(...)
+run.py passes `config.data.on_bad_input` and `config.data.max_json_mb`.
+
+Unlabelled splits (like COCO test2017) must be declared, or a JSON without annotations is an
+error: `CocoInstancesConfig(unlabelled_splits=('test',))`, or with the `custom` config name the
+file `annotations/image_info_<split>.json` (COCO's name for its unlabelled image lists) instead
+of `instances_<split>.json`. Their `read_stats` say `labelled: False`.
 """
 from __future__ import annotations
 
@@ -45,10 +61,13 @@ class CocoInstancesConfig(tfds.core.BuilderConfig):
       absolute. Empty with `synthetic=None` means: discover `annotations/instances_<split>.json`.
     archives: zip files in `manual_dir` extracted when the split folders are not there.
     synthetic: keyword arguments of `shapes.generate`; the data is generated, not read.
+    unlabelled_splits: splits meant to have no annotations (their JSON may lack them); any
+      other split without annotations is an error.
   """
   splits: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
   archives: tuple[str, ...] = ()
   synthetic: dict[str, Any] | None = None
+  unlabelled_splits: tuple[str, ...] = ()
 
 
 SHAPES_DEFAULT = dict(splits={'train': 2000, 'validation': 200}, image_size=128, seed=0,
@@ -59,8 +78,8 @@ SHAPES_TEXTURED = dict(SHAPES_DEFAULT, style='textured')
 class CocoInstances(tfds.core.GeneratorBasedBuilder):
   """COCO-format instance segmentation with masks.
 
-  `on_bad_input` ('skip' or 'error') is a build-time policy, not part of the dataset's
-  identity: a build with 'error' either fails or writes exactly what 'skip' writes.
+  `on_bad_input` ('skip' or 'error') and `max_json_mb` are build-time settings, not part of the
+  dataset's identity: a build with 'error' either fails or writes exactly what 'skip' writes.
   """
 
   VERSION = tfds.core.Version('1.2.0')
@@ -91,14 +110,20 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   coco2017: put the official COCO 2017 files in manual_dir, either extracted
   (annotations/instances_{train,val}2017.json, train2017/, val2017/) or as the official zips
   (annotations_trainval2017.zip, train2017.zip, val2017.zip).
-  custom: annotations/instances_<split>.json with images under <split>/ (file_name relative).
+  custom: annotations/instances_<split>.json with images under <split>/ (file_name relative);
+  annotations/image_info_<split>.json for a split without annotations.
   shapes needs nothing: it is generated.
   """
 
-  def __init__(self, *, on_bad_input: str = 'skip', **kwargs):
+  def __init__(self, *, on_bad_input: str = 'skip',
+               max_json_mb: float = coco_format.DEFAULT_MAX_JSON_MB, **kwargs):
     if on_bad_input not in coco_format.ON_BAD_INPUT:
       raise ValueError(f'on_bad_input={on_bad_input!r}; allowed: {coco_format.ON_BAD_INPUT}')
+    if isinstance(max_json_mb, bool) or not isinstance(max_json_mb, (int, float)) or not (
+        max_json_mb > 0):
+      raise ValueError(f'max_json_mb={max_json_mb!r} must be a positive number (MiB)')
     self.on_bad_input = on_bad_input
+    self.max_json_mb = max_json_mb
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -150,14 +175,23 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             f'{config.name}: neither the extracted folders nor the archives {missing} are in '
             f'manual_dir={manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
       roots = [os.fspath(p) for p in dl_manager.extract(zips)]
-    splits = dict(config.splits) or _discover_splits(manual_dir)
-    return {name: coco_format.CocoSplit(_find(ann, roots), _find(img, roots))
+    if config.splits:
+      splits, unlabelled = dict(config.splits), set(config.unlabelled_splits)
+    else:
+      splits, unlabelled = _discover_splits(manual_dir)
+      unlabelled |= set(config.unlabelled_splits)
+    if unlabelled - splits.keys():
+      raise ValueError(f'{config.name}: unlabelled_splits {sorted(unlabelled - splits.keys())} '
+                       f'are not among the splits {sorted(splits)}')
+    return {name: coco_format.CocoSplit(_find(ann, roots), _find(img, roots),
+                                        labelled=name not in unlabelled)
             for name, (ann, img) in splits.items()}
 
   def _generate_examples(self, split_name: str, split: coco_format.CocoSplit):
     stats = coco_format.ReadStats()
     yield from coco_format.read_coco_split(
-        split, on_bad_input=self.on_bad_input, stats=stats)
+        split, on_bad_input=self.on_bad_input, stats=stats,
+        max_json_bytes=int(self.max_json_mb * 2**20))
     self.info.metadata.setdefault('read_stats', {})[split_name] = stats.as_dict()
     _merge_categories(self.info.metadata, stats.categories)
 
@@ -171,17 +205,28 @@ def _find(relative: str, roots: list[str]) -> str:
   raise FileNotFoundError(f'{relative} not found under {roots}')
 
 
-def _discover_splits(manual_dir: str) -> dict[str, tuple[str, str]]:
-  """`annotations/instances_<split>.json` + `<split>/` pairs in `manual_dir`."""
+def _discover_splits(manual_dir: str) -> tuple[dict[str, tuple[str, str]], set[str]]:
+  """`annotations/instances_<split>.json` + `<split>/` in `manual_dir` (labelled splits), and
+  `annotations/image_info_<split>.json` where `<split>/` exists and no instances file names the
+  split (unlabelled splits)."""
   ann_dir = os.path.join(manual_dir, 'annotations')
-  names = sorted(f for f in (os.listdir(ann_dir) if os.path.isdir(ann_dir) else [])
-                 if f.startswith('instances_') and f.endswith('.json'))
-  splits = {f[len('instances_'):-len('.json')]: (os.path.join('annotations', f),
-                                                 f[len('instances_'):-len('.json')])
-            for f in names}
+  files = sorted(os.listdir(ann_dir)) if os.path.isdir(ann_dir) else []
+  splits, unlabelled = {}, set()
+  for prefix in ('instances_', 'image_info_'):
+    for f in files:
+      if f.startswith(prefix) and f.endswith('.json'):
+        name = f[len(prefix):-len('.json')]
+        if name in splits:
+          continue
+        if prefix == 'image_info_':
+          if not os.path.isdir(os.path.join(manual_dir, name)):
+            continue  # COCO's image lists come without their images
+          unlabelled.add(name)
+        splits[name] = (os.path.join('annotations', f), name)
   if not splits:
-    raise FileNotFoundError(f'no annotations/instances_<split>.json in manual_dir={manual_dir}')
-  return splits
+    raise FileNotFoundError('no annotations/instances_<split>.json (or image_info_<split>.json '
+                            f'for an unlabelled split) in manual_dir={manual_dir}')
+  return splits, unlabelled
 
 
 def _merge_categories(metadata: tfds.core.MetadataDict, categories: list[dict[str, Any]]):
