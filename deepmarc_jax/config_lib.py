@@ -7,6 +7,7 @@ full field name and the allowed values, all at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import json
 
 import ml_collections
 from ml_collections import config_dict
@@ -22,6 +23,8 @@ OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('step', 'cosine')
 DTYPES = ('float32', 'bfloat16')
 EVAL_BACKENDS = ('pycocotools', 'faster_coco_eval')
+# The area a detection has in COCO's small/medium/large ranges (evaluation/coco.py).
+EVAL_DETECTION_AREAS = ('mask', 'box', 'per_iou_type')
 DATASETS = tuple(f'coco_instances/{c.name}' for c in coco_instances.CocoInstances.BUILDER_CONFIGS)
 
 
@@ -60,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
       mask_classes='voc',           # 'voc' | 'nonvoc' | 'all' | comma-separated ids
       shuffle_buffer=1000,
       on_bad_input='skip',          # 'skip' (drop and count) | 'error'
+      max_json_mb=coco_format.DEFAULT_MAX_JSON_MB,  # larger COCO JSONs are refused, not read
   )
 
   config.model = dict(
@@ -157,6 +161,13 @@ def base_config() -> ml_collections.ConfigDict:
       # so it measures the mask head alone (the paper's view of mask-head generalisation).
       gt_box_masks=False,
       backend='faster_coco_eval',
+      # The area a detection has in APs/APm/APl (GT always uses its annotation's 'area'):
+      # 'mask' its mask's pixel count, for bbox and segm alike, as the official Deep-MARC
+      # evaluator (Model Garden's COCOEvaluator) does | 'box' its box's area, for both, as
+      # COCO.loadRes does with results carrying 'bbox' | 'per_iou_type' box for bbox, mask for
+      # segm (Detectron2, mmdetection, the TF OD API that evaluated Deep-MAC). AP, AP50, AP75
+      # and the seen/unseen AP are the same in all three (evaluation/coco.py).
+      detection_area='mask',
   )
 
   config.mesh = [('data', -1)]
@@ -230,6 +241,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   data, model, train = config.data, config.model, config.train
   _allowed(errors, 'data.tfds_name', data.tfds_name, DATASETS)
   _allowed(errors, 'data.on_bad_input', data.on_bad_input, coco_format.ON_BAD_INPUT)
+  if not data.max_json_mb > 0:
+    errors.append(f'config.data.max_json_mb={data.max_json_mb} must be positive (MiB)')
   mask_classes = data.mask_classes
   if isinstance(mask_classes, str) and mask_classes not in class_splits.NAMED_SPLITS:
     try:
@@ -272,6 +285,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if train[field] <= 0:
       errors.append(f'config.train.{field}={train[field]} must be positive')
   _allowed(errors, 'eval.backend', config.eval.backend, EVAL_BACKENDS)
+  _allowed(errors, 'eval.detection_area', config.eval.detection_area, EVAL_DETECTION_AREAS)
 
   mesh = config.mesh
   names = [axis[0] for axis in mesh] if all(len(a) == 2 for a in mesh) else []
@@ -280,3 +294,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   'most one size -1')
   if errors:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+
+
+def changed_fields(previous_json: str | None, config: ml_collections.ConfigDict) -> list[str]:
+  """'field: old -> new' for each leaf of `config` that differs from a config.json's text (as
+  run.py writes it), fields added or removed included; [] where there is no earlier config."""
+  if previous_json is None:
+    return []
+  try:
+    old = _flatten(json.loads(previous_json))
+  except ValueError:
+    return ['config.json: unreadable']
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  missing = object()
+  return [f'{k}: {old.get(k, "(absent)")!r} -> {new.get(k, "(absent)")!r}'
+          for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+
+def _flatten(tree, prefix: str = '') -> dict:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items()
+            for k, v in _flatten(value, f'{prefix}{key}.').items()}
+  return {prefix.rstrip('.'): tree}

@@ -69,7 +69,8 @@ def oracle_eval(config, builder, split: dict[str, list[int]]) -> dict:
   evaluator = coco_eval.CocoEvaluator(
       groundtruth.coco_groundtruth(builder, config.data.eval_split),
       seen_ids=split['seen'], unseen_ids=split['unseen'],
-      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend,
+      detection_area=config.eval.detection_area)
   ds = pipeline.eval_dataset(config.data, builder, batch_size=config.eval.batch_size)
   dropped = 0
   for batch in tfds.as_numpy(ds):

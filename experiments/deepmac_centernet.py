@@ -57,6 +57,9 @@ def get_config(arg: str | None = None):
   model.compute_dtype = 'bfloat16'
   # The OD API's input pipeline keeps crowd boxes: its CenterNet learns them as objects.
   model.deepmac.crowd_boxes_as_objects = True
+  # The OD API evaluates boxes and masks with separate COCO evaluators: box areas for bbox,
+  # mask areas for segm in the size ranges (evaluation/coco.py).
+  config.eval.detection_area = 'per_iou_type'
 
   train = config.train
   train.batch_size = 128

@@ -95,15 +95,21 @@ def _assert_close(actual: dict[str, float], expected: dict[str, float], tol: flo
       assert actual[key] == pytest.approx(value, abs=tol), key
 
 
-def _coco_stats(gt: COCO, results: list[dict], iou_type: str, image_ids, cat_ids=None):
-  """Reference: loadRes + COCOeval stats[0:6] (-1 -> NaN), optionally on some categories."""
-  dets = _quiet(gt.loadRes, copy.deepcopy(results))
+def _cocoeval_stats(gt: COCO, dets: COCO, iou_type: str, image_ids, cat_ids=None) -> np.ndarray:
+  """Reference: the 12 COCOeval stats, optionally on some categories (-1 where undefined)."""
   reference = COCOeval(gt, dets, iou_type)
   reference.params.imgIds = list(image_ids)
   if cat_ids is not None:
     reference.params.catIds = list(cat_ids)
   _quiet(lambda: (reference.evaluate(), reference.accumulate(), reference.summarize()))
-  return [math.nan if s == -1 else float(s) for s in reference.stats[:6]]
+  return np.asarray(reference.stats, np.float64)
+
+
+def _coco_stats(gt: COCO, results: list[dict], iou_type: str, image_ids, cat_ids=None):
+  """Reference: loadRes + COCOeval stats[0:6] (-1 -> NaN), optionally on some categories."""
+  dets = _quiet(gt.loadRes, copy.deepcopy(results))
+  stats = _cocoeval_stats(gt, dets, iou_type, image_ids, cat_ids)
+  return [math.nan if s == -1 else float(s) for s in stats[:6]]
 
 
 def _ground_truth_detections(gt: COCO, mask_size: int) -> dict[int, list[tuple]]:
@@ -232,7 +238,9 @@ def _reference_values(gt: COCO, detections, seen_ids) -> dict[str, float]:
 def perturbed_results(gt, perturbed) -> dict[str, dict]:
   out = {}
   for backend in coco_eval.BACKENDS:
-    evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend)
+    # _reference_values loads box-only and segmentation-only result lists: 'per_iou_type'.
+    evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend,
+                                        detection_area='per_iou_type')
     for batch in _batches(perturbed, sorted(gt.imgs), 3, 28):
       evaluator.add_predictions(**batch)
     out[backend] = evaluator.evaluate()
@@ -248,6 +256,103 @@ def test_perturbed_predictions_match_pycocotools(gt, perturbed, perturbed_result
 def test_backends_agree(perturbed_results):
   faster = _values(perturbed_results['faster_coco_eval'])
   _assert_close(faster, _values(perturbed_results['pycocotools']), 1e-6)
+
+
+@pytest.fixture(scope='module')
+def area_references(gt, perturbed) -> dict[str, dict[str, COCO]]:
+  """{detection_area: {iou_type: detections}}, each loaded as the convention's own code does."""
+  results = _reference_results(gt, perturbed)
+  both = [{**b, 'segmentation': s['segmentation']}
+          for b, s in zip(results['bbox'], results['segm'])]
+  with_box_area = _quiet(gt.loadRes, copy.deepcopy(both))  # carries 'bbox': area = w * h
+  # Model Garden's COCOWrapper.loadRes (eval_type 'mask', vision/evaluation/coco_utils.py) loads
+  # the same list and then sets every detection's area to mask.area(segmentation).
+  with_mask_area = _quiet(gt.loadRes, copy.deepcopy(both))
+  for ann in with_mask_area.dataset['annotations']:
+    ann['area'] = mask_util.area(ann['segmentation'])
+  return {
+      'mask': {'bbox': with_mask_area, 'segm': with_mask_area},
+      'box': {'bbox': with_box_area, 'segm': with_box_area},
+      'per_iou_type': {iou_type: _quiet(gt.loadRes, copy.deepcopy(results[iou_type]))
+                       for iou_type in coco_eval.IOU_TYPES}}
+
+
+def _area_reference_stats(gt, area_references, detection_area) -> dict[str, np.ndarray]:
+  """{'bbox'|'segm'[/seen|/unseen]: the 12 COCOeval stats of the reference detections}."""
+  all_ids = sorted(gt.cats)
+  subsets = {'': None, '/seen': [c for c in all_ids if c in VOC_IDS],
+             '/unseen': [c for c in all_ids if c not in VOC_IDS]}
+  return {f'{iou_type}{suffix}': _cocoeval_stats(
+      gt, area_references[detection_area][iou_type], iou_type, gt.imgs, cat_ids)
+          for iou_type in coco_eval.IOU_TYPES for suffix, cat_ids in subsets.items()}
+
+
+@pytest.mark.parametrize('backend', coco_eval.BACKENDS)
+@pytest.mark.parametrize('detection_area', coco_eval.DETECTION_AREAS)
+def test_detection_area_matches_pycocotools(gt, perturbed, area_references, detection_area,
+                                            backend):
+  evaluator = coco_eval.CocoEvaluator(str(VAL_JSON), seen_ids=VOC_IDS, backend=backend,
+                                      detection_area=detection_area)
+  for batch in _batches(perturbed, sorted(gt.imgs), 3, 28):
+    evaluator.add_predictions(**batch)
+  results = evaluator.evaluate()
+  assert results['detection_area'] == detection_area
+  expected = _area_reference_stats(gt, area_references, detection_area)
+  tol = 1e-12 if backend == 'pycocotools' else 1e-6
+  for iou_type in coco_eval.IOU_TYPES:
+    # All 12 stats, from the COCOeval run that evaluate() summarises.
+    run = evaluator._run_cocoeval(iou_type, evaluator.evaluated_image_ids)  # pylint: disable=protected-access
+    stats = run.stats
+    np.testing.assert_allclose(stats, expected[iou_type], rtol=0, atol=tol, err_msg=iou_type)
+    # What evaluate() reports, overall and per split (-1 -> NaN).
+    for key, summary in ((iou_type, results[iou_type]),
+                         *((f'{iou_type}/{split}', results[iou_type][split])
+                           for split in coco_eval.SPLITS)):
+      reported = np.array([summary[name] for name in coco_eval.STAT_NAMES])
+      np.testing.assert_allclose(reported, np.where(expected[key][:6] == -1, np.nan,
+                                                    expected[key][:6]),
+                                 rtol=0, atol=tol, err_msg=key)
+
+
+def test_detection_areas_differ_only_in_size_ranges(gt, area_references):
+  """The conventions differ on this data, so the test above tells them apart."""
+  stats = {area: _area_reference_stats(gt, area_references, area)
+           for area in coco_eval.DETECTION_AREAS}
+  size_ap = [3, 4, 5]  # APs, APm, APl
+  others = [i for i in range(12) if i not in size_ap]  # AP, AP50, AP75 and the 6 ARs
+  for key in stats['mask']:
+    for area in ('box', 'per_iou_type'):
+      np.testing.assert_array_equal(stats[area][key][others], stats['mask'][key][others])
+  for iou_type in coco_eval.IOU_TYPES:
+    assert np.abs(stats['mask'][iou_type][size_ap] - stats['box'][iou_type][size_ap]).max() > 0.01
+  # per_iou_type: box area for bbox, mask area for segm.
+  np.testing.assert_array_equal(stats['per_iou_type']['bbox'], stats['box']['bbox'])
+  np.testing.assert_array_equal(stats['per_iou_type']['segm'], stats['mask']['segm'])
+
+
+def test_detection_area_config():
+  from deepmarc_jax import config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.EVAL_DETECTION_AREAS == coco_eval.DETECTION_AREAS
+  config = config_lib.base_config()
+  assert config.eval.detection_area == 'mask' == coco_eval.DETECTION_AREAS[0]
+  config_lib.validate(config)
+  config.eval.detection_area = 'segm'
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.eval\.detection_area='segm' is not allowed; choose one of: "
+                           r'mask, box, per_iou_type'):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match='detection_area'):
+    coco_eval.CocoEvaluator(_toy_dataset(), detection_area='segm')
+
+
+def test_detection_area_reaches_the_evaluator():
+  import types  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.evaluation import loop  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.eval.detection_area = 'box'
+  exp = types.SimpleNamespace(config=config, split_ids={'seen': [1], 'unseen': [2]})
+  assert loop.new_coco_evaluator(exp, _toy_dataset()).detection_area == 'box'
 
 
 def _toy_dataset() -> dict:

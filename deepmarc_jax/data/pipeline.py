@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 from collections.abc import Sequence
@@ -263,6 +264,8 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
   Synthetic data is generated on first use; real data needs `data_config.manual_dir`.
   """
   kwargs = {'on_bad_input': data_config.on_bad_input}
+  if data_config.get('max_json_mb'):
+    kwargs['max_json_mb'] = data_config.max_json_mb
   if data_config.get('data_dir'):
     kwargs['data_dir'] = os.path.expanduser(data_config.data_dir)
   builder = tfds.builder(data_config.tfds_name, **kwargs)
@@ -274,9 +277,17 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(data_config.tfds_name, **kwargs)
     if not builder.is_prepared():
       manual_dir = data_config.get('manual_dir')
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-          try_download_gcs=False))
+      try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+            try_download_gcs=False))
+      except Exception as e:  # pylint: disable=broad-except
+        # TFDS reports a full disk as a RuntimeError; callers (run.py) answer OSErrors.
+        if 'No space left on device' not in str(e):
+          raise
+        raise OSError(errno.ENOSPC, f'No space left on device while building '
+                      f'{data_config.tfds_name} in {builder.data_dir} ({str(e)[:300]}); TFDS '
+                      'removed the unfinished files', os.fspath(builder.data_dir)) from e
   return builder
 
 

@@ -22,9 +22,21 @@ Conventions:
   * Stats that COCOeval reports as -1 (no ground truth in that area range, category or split)
     are NaN here, and null in the JSON written by `write_json`. Categories without ground truth
     in the evaluated images are omitted from 'per_category'.
-  * Detections are scored in COCO's result convention: segm detections carry the area of their
-    mask and bbox detections the area of their box (as `COCO.loadRes` does for segmentation-only
-    and box-only result lists), so APs/APm/APl use mask area for segm.
+  * Size ranges (small/medium/large): a ground-truth instance's size is always the 'area' field
+    of its annotation (for COCO, the area of its mask). Which area a detection has is the
+    `detection_area` convention (`DETECTION_AREAS`). Of COCOeval's stats it changes only APs,
+    APm and APl: a detection's area only decides whether an unmatched detection counts as a
+    false positive in a size range.
+      'mask': the pixel count of its thresholded mask, for bbox and segm alike. What Model
+        Garden's COCOEvaluator, the official Deep-MARC evaluator, does: its `COCOWrapper.loadRes`
+        with include_mask sets every detection's area to `mask.area(segmentation)`, and bbox
+        and segm COCOeval share those detections. The default.
+      'box': the area w * h of its box, for bbox and segm alike: what `COCO.loadRes` does with
+        results that carry both 'bbox' and 'segmentation'.
+      'per_iou_type': box area for bbox, mask area for segm: `COCO.loadRes` of box-only and of
+        segmentation-only result lists. Detectron2 and mmdetection drop 'bbox' from their segm
+        results to get this; the TF Object Detection API's box and mask COCO evaluators (Deep-MAC's
+        official evaluation) load boxes and masks apart and so do the same.
 """
 from __future__ import annotations
 
@@ -47,6 +59,8 @@ IOU_TYPES = ('bbox', 'segm')
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 BACKENDS = ('faster_coco_eval', 'pycocotools')
 SPLITS = ('seen', 'unseen')
+# Which area a detection has in COCOeval's size ranges (module docstring); the first is the default.
+DETECTION_AREAS = ('mask', 'box', 'per_iou_type')
 # A window covering less than this fraction of its image is run-length encoded from the window
 # alone (cost ~ window area); larger ones go through pycocotools on the full image (~ image area).
 _WINDOW_RLE_MAX_FRACTION = 0.25
@@ -219,7 +233,7 @@ class CocoEvaluator:
   def __init__(self, annotations: str | os.PathLike | Mapping[str, Any], *,
                seen_ids: Iterable[int] | None = None, unseen_ids: Iterable[int] | None = None,
                mask_threshold: float = 0.5, backend: str = 'faster_coco_eval',
-               verbose: bool = False):
+               detection_area: str = DETECTION_AREAS[0], verbose: bool = False):
     """Loads the ground truth.
 
     Args:
@@ -229,13 +243,19 @@ class CocoEvaluator:
       unseen_ids: category ids of the 'unseen' split; None: the GT categories not in seen_ids.
       mask_threshold: pasted mask probabilities >= this are foreground; in (0, 1].
       backend: 'faster_coco_eval' (default, same numbers, faster) or 'pycocotools'.
+      detection_area: the area a detection has in the small/medium/large ranges: 'mask'
+        (default, the official Deep-MARC evaluator's), 'box' or 'per_iou_type' (box for bbox,
+        mask for segm); see the module docstring.
       verbose: let COCOeval print its progress and summary.
     """
     if not 0.0 < mask_threshold <= 1.0:
       raise ValueError(f'mask_threshold must be in (0, 1], got {mask_threshold}')
+    if detection_area not in DETECTION_AREAS:
+      raise ValueError(f'detection_area={detection_area!r}: expected one of {DETECTION_AREAS}')
     self._coco_cls, self._cocoeval_cls = _backend(backend)
     self.backend = backend
     self.mask_threshold = float(mask_threshold)
+    self.detection_area = detection_area
     self.verbose = verbose
     if isinstance(annotations, Mapping):
       dataset = copy.deepcopy(dict(annotations))
@@ -376,8 +396,10 @@ class CocoEvaluator:
     return segmentation
 
   def _detections(self, iou_type: str):
-    """COCO API object of the detections, with the area convention of `COCO.loadRes`."""
-    if iou_type == 'segm':  # one RLE per call: pycocotools' area() fails on > 255 RLEs
+    """COCO API object of the detections, each with the area `self.detection_area` gives it."""
+    use_mask = self.detection_area == 'mask' or (
+        self.detection_area == 'per_iou_type' and iou_type == 'segm')
+    if use_mask:  # one RLE per call: pycocotools' area() fails on > 255 RLEs
       areas = [mask_util.area(r['segmentation']) for r in self._results]
     else:
       areas = [r['bbox'][2] * r['bbox'][3] for r in self._results]
@@ -428,9 +450,10 @@ class CocoEvaluator:
 
     Returns:
       {'bbox': s, 'segm': s, 'num_images': int, 'num_detections': int, 'backend': str,
-       'split_ids': {'seen': [...], 'unseen': [...]}} where s holds 'AP', 'AP50', 'AP75', 'APs',
-      'APm', 'APl' (floats in [0, 1], NaN if undefined), 'seen' and 'unseen' (the same six
-      stats over each split) and 'per_category' ({category name: AP@[.5:.95]}).
+       'detection_area': str, 'split_ids': {'seen': [...], 'unseen': [...]}} where s holds
+      'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl' (floats in [0, 1], NaN if undefined), 'seen'
+      and 'unseen' (the same six stats over each split) and 'per_category' ({category name:
+      AP@[.5:.95]}).
     """
     image_ids = self.evaluated_image_ids
     if not image_ids:
@@ -441,7 +464,8 @@ class CocoEvaluator:
         iou_type: self._summary(self._run_cocoeval(iou_type, image_ids))
         for iou_type in IOU_TYPES}
     results.update(num_images=len(image_ids), num_detections=len(self._results),
-                   backend=self.backend, split_ids=copy.deepcopy(self.split_ids))
+                   backend=self.backend, detection_area=self.detection_area,
+                   split_ids=copy.deepcopy(self.split_ids))
     return results
 
 
@@ -477,10 +501,20 @@ def _json_compatible(value):
 
 
 def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> None:
-  """Writes `evaluate()` results as JSON (NaN -> null), creating parent folders."""
+  """Writes `evaluate()` results as JSON (NaN -> null), creating parent folders. Atomic: a
+  process killed while writing leaves no half file (a resumed run takes an existing
+  eval_<step>.json as done); a failed write (a full disk) raises OSError naming `path`."""
+  path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(_json_compatible(results), f, indent=2, allow_nan=False)
+  text = json.dumps(_json_compatible(results), indent=2, allow_nan=False)
+  try:
+    with open(path + '.tmp', 'w') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  except OSError as e:
+    if os.path.exists(path + '.tmp'):
+      os.remove(path + '.tmp')
+    raise OSError(e.errno, f'{e.strerror} (writing {path})', path) from e
 
 
 def format_table(results: Mapping[str, Any]) -> str:

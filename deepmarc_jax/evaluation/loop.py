@@ -41,7 +41,8 @@ def new_coco_evaluator(exp: Experiment, groundtruth_dataset=None) -> coco_eval.C
     groundtruth_dataset = groundtruth.coco_groundtruth(exp.builder, config.data.eval_split)
   return coco_eval.CocoEvaluator(
       groundtruth_dataset, seen_ids=exp.split_ids['seen'], unseen_ids=exp.split_ids['unseen'],
-      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend)
+      mask_threshold=config.eval.mask_threshold, backend=config.eval.backend,
+      detection_area=config.eval.detection_area)
 
 
 def add_gt_box_masks(evaluator: coco_eval.CocoEvaluator, segment, state: TrainState,
