@@ -13,11 +13,14 @@ evaluation-mode outputs on a fixed uint8 image (normalised as the Model Garden p
 Official Keras layers are named per session, so the second model's backbone has shifted layer
 numbers: the converter's offset handling is exercised too.
 Each comparison prints max |ours - official| and that relative to max |official|, which must
-be <= 1e-4 (float32). The module takes ~2 min on 2 CPU cores (the oracle ~40 s of it), so it is
-marked slow (CI runs it).
+be <= 1e-4 (float32). The same checkpoints, converted with configs that get one field (or many)
+wrong, must be refused with the config fields and values that describe them; the CLI's refusal
+is tested as a user meets it. One oracle run serves the module; with a dozen conversions it
+takes minutes on a small CPU, so it is marked slow (CI runs it).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,8 @@ from deepmarc_jax.tools import convert_tf_checkpoint as convert
 from deepmarc_jax import experiment
 from deepmarc_jax.models import catalogue
 from deepmarc_jax.models import mask_rcnn
+from deepmarc_jax.models import resnet as resnet_lib
+from deepmarc_jax.models import spinenet as spinenet_lib
 from deepmarc_jax.ops import boxes as box_ops
 from deepmarc_jax.ops import nms as nms_ops
 from tests.conftest import ORACLE_PYTHON
@@ -363,6 +369,194 @@ def test_shape_mismatch_names_both_sides(official):
     convert.convert_checkpoint(str(official / 'spinenet' / 'ckpt'), config)
 
 
+# ------------------------------------------------------------------------------------ wrong configs
+# A config that describes another architecture than the checkpoint's must stop the conversion
+# with the config fields (and values) that describe the checkpoint: each mistake below converts
+# an official checkpoint with an otherwise right config, and must be reported alone.
+
+MISTAKES = {  # id: (official checkpoint, config overrides, the one architecture line expected)
+    'levels': (
+        'spinenet', {'model.min_level': 2, 'model.max_level': 6},
+        'pyramid levels: checkpoint has 3-7 (its RPN has BatchNorms for levels 3, 4, 5, 6, 7), '
+        'config says 2-6: set --config.model.min_level=3 --config.model.max_level=7'),
+    'levels_fpn': (
+        'resnetfpn', {'model.min_level': 3, 'model.max_level': 7},
+        'pyramid levels: checkpoint has 2-6 (its RPN has BatchNorms for levels 2, 3, 4, 5, 6), '
+        'config says 3-7: set --config.model.min_level=2 --config.model.max_level=6'),
+    'backbone_size': (
+        'spinenet', {'model.backbone.type': 'spinenet96'},
+        'backbone: checkpoint has spinenet49 at width_multiplier 0.125 (17 blocks = 1 per node, '
+        'block filters [8, 16, 32], endpoint filters 32), config says spinenet96 at '
+        'width_multiplier 0.125: set --config.model.backbone.type=spinenet49'),
+    'backbone_kind': (
+        'resnetfpn', {'model.backbone.type': 'spinenet49'},
+        'backbone: checkpoint has resnet50 at width_multiplier 0.125 (16 bottleneck blocks, stem '
+        'of 8 filters, block filters [8, 16, 32, 64]), config says spinenet49 at '
+        'width_multiplier 0.125: set --config.model.backbone.type=resnet50'),
+    'backbone_width': (
+        'spinenet', {'model.width_multiplier': 0.25},
+        'backbone: checkpoint has spinenet49 at width_multiplier 0.125 (17 blocks = 1 per node, '
+        'block filters [8, 16, 32], endpoint filters 32), config says spinenet49 at '
+        'width_multiplier 0.25: set --config.model.width_multiplier=0.125'),
+    'mask_head_type': (
+        'spinenet', {'model.mask_head.type': 'default'},
+        'mask head: checkpoint has hourglass20, config says default: set '
+        '--config.model.mask_head.type=hourglass20'),
+    'mask_head_type_default': (
+        'spinenet_default', {'model.mask_head.type': 'hourglass20'},
+        'mask head: checkpoint has default, config says hourglass20: set '
+        '--config.model.mask_head.type=default'),
+    'mask_head_type_needs_crops': (  # hourglass100's 6 stages need 32 px crops
+        'resnetfpn_hourglass100', {'model.mask_head.type': 'hourglass20',
+                                   'model.mask_head.crop_size': 16},
+        'mask head: checkpoint has hourglass100, config says hourglass20: set '
+        '--config.model.mask_head.type=hourglass100 --config.model.mask_head.crop_size=32'),
+    'num_classes': (
+        'spinenet', {'model.num_classes': 91},
+        'classes (background included): checkpoint has 6, config says 91: set '
+        '--config.model.num_classes=6'),
+    'mask_filters': (
+        'spinenet', {'model.mask_head.num_filters': 64},
+        'mask head filters: checkpoint has 16, config says 64: set '
+        '--config.model.mask_head.num_filters=16'),
+}
+
+
+def _config_for(name, overrides):
+  config = CONFIGS[name.split('_')[0]]()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _refusal(official, name, config) -> str:
+  """The ConversionError message of converting official checkpoint `name` with `config`."""
+  start = time.time()
+  with pytest.raises(convert.ConversionError) as info:
+    convert.convert_checkpoint(str(official / name / 'ckpt'), config)
+  message = str(info.value)
+  print(f'refused in {time.time() - start:.1f} s:\n{message[:2500]}', file=sys.stderr)
+  return message
+
+
+def _architecture_lines(message) -> list[str]:
+  """The 'WHAT: checkpoint has X, config says Y: set ...' lines of a refusal."""
+  lines = message.splitlines()
+  assert 'nothing was converted' in lines[0], lines[0]
+  end = next(i for i, line in enumerate(lines) if i and not line.startswith('  '))
+  return [line.strip() for line in lines[1:end]]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize('mistake', MISTAKES)
+def test_a_config_of_another_architecture_is_refused_with_the_fields_to_set(official, mistake):
+  name, overrides, expected = MISTAKES[mistake]
+  message = _refusal(official, name, _config_for(name, overrides))
+  assert _architecture_lines(message) == [expected]
+
+
+def _apply_flags(config, flags: str):
+  """Sets `--config.a.b=value ...` (as a shell would pass them) on `config`, typed as the field."""
+  for flag in flags.split():
+    field, value = flag[len('--config.'):].split('=', 1)
+    *parents, leaf = field.split('.')
+    parent = config
+    for p in parents:
+      parent = parent[p]
+    old = parent[leaf]
+    parent[leaf] = value == 'True' if isinstance(old, bool) else type(old)(value)
+
+
+@pytest.mark.oracle
+def test_every_difference_is_listed_and_its_flags_convert(official, spine):
+  """Many mistakes at once: one error lists them all; the flags it gives, applied to the wrong
+  config, convert the checkpoint to exactly the right config's variables."""
+  config = _config_for('spinenet', {
+      'model.backbone.type': 'spinenet96', 'model.width_multiplier': 0.25,
+      'model.min_level': 2, 'model.max_level': 6, 'model.num_classes': 91,
+      'model.anchor.num_scales': 1, 'model.box_head.fc_dims': 1024,
+      'model.mask_head.type': 'hourglass52', 'model.mask_head.num_filters': 64})
+  message = _refusal(official, 'spinenet', config)
+  assert _architecture_lines(message) == [
+      'backbone: checkpoint has spinenet49 at width_multiplier 0.125 (17 blocks = 1 per node, '
+      'block filters [8, 16, 32], endpoint filters 32), config says spinenet96 at '
+      'width_multiplier 0.25: set --config.model.backbone.type=spinenet49 '
+      '--config.model.width_multiplier=0.125',
+      'pyramid levels: checkpoint has 3-7 (its RPN has BatchNorms for levels 3, 4, 5, 6, 7), '
+      'config says 2-6: set --config.model.min_level=3 --config.model.max_level=7',
+      'anchors per location: checkpoint has 9 (RPN score channels), config says 3 '
+      '(model.anchor.num_scales 1 x 3 model.anchor.aspect_ratios): set '
+      '--config.model.anchor.num_scales=3',
+      'box head fully connected width: checkpoint has 32, config says 1024: set '
+      '--config.model.box_head.fc_dims=32',
+      'classes (background included): checkpoint has 6, config says 91: set '
+      '--config.model.num_classes=6',
+      'mask head: checkpoint has hourglass20, config says hourglass52: set '
+      '--config.model.mask_head.type=hourglass20',
+      'mask head filters: checkpoint has 16, config says 64: set '
+      '--config.model.mask_head.num_filters=16']
+  flags = next(line for line in message.splitlines() if line.startswith('All together: '))
+  _apply_flags(config, flags[len('All together: '):])
+  variables = convert.convert_checkpoint(str(official / 'spinenet' / 'ckpt'), config)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, spine.variables)
+
+
+def test_spinenet_and_resnet_sizes_are_told_from_keras_names():
+  """backbone_from_keras_names on the Keras names and shapes of our own backbones (the
+  mapping the parity tests check): SpineNet-96 at levels 2-6 (the level-2 output block built,
+  two blocks per node) is not SpineNet-49, a narrow SpineNet-49S not a SpineNet-49, ResNet-101
+  not ResNet-50; a config saying otherwise gets the fields to set."""
+  image = jnp.zeros((1, 128, 128, 3))
+  for name, width, levels in (('spinenet96', 0.125, (2, 6)), ('spinenet49s', 0.25, (3, 7)),
+                              ('resnet101', 0.25, (2, 6))):
+    if name.startswith('spinenet'):
+      row = catalogue.SPINENETS[name]
+      spec = dataclasses.replace(
+          row, filter_size_scale=row.filter_size_scale * width,
+          endpoints_num_filters=int(row.endpoints_num_filters * width))
+      net = spinenet_lib.SpineNet(spec, min_level=levels[0], max_level=levels[1])
+      layers = convert.spinenet_keras_names(spec, *levels)
+    else:
+      net = resnet_lib.ResNet(depth=101, width_multiplier=width)
+      layers = convert.resnet_keras_names(101)
+    shapes = flax.traverse_util.flatten_dict(
+        jax.eval_shape(lambda net=net: net.init(jax.random.key(0), image, False)), sep='/')
+    names = {}
+    for path, (conv, norm) in layers.items():
+      names[f'{conv}/kernel'] = shapes[f'params/{path}/Conv_0/kernel'].shape
+      names[f'{norm}/gamma'] = shapes[f'params/{path}/BatchNorm_0/scale'].shape
+    found = convert.backbone_from_keras_names(names, name.startswith('resnet'), levels)
+    assert (found.name, found.width) == (name, width), found
+    config = spinenet_config()
+    config.model.backbone.type = 'resnet50' if name.startswith('resnet') else 'spinenet49'
+    config.model.width_multiplier = 1.0
+    # pylint: disable-next=protected-access
+    [mismatch] = convert._backbone_mismatches(found, config.model)
+    print(mismatch, file=sys.stderr)
+    assert mismatch.fix == (('model.backbone.type', name), ('model.width_multiplier', width))
+
+
+def test_block_variables_match_inside_their_block_scope_only():
+  """A block variable the config's model lacks is unmatched, never taken for the top-level layer
+  of the same local name (it once read as the stem 'filled twice'); an outer scope above the
+  model is still tolerated."""
+  variables = {
+      'a': convert.Variable('stem', 'conv2d/kernel', (7, 7, 3, 64)),
+      'b': convert.Variable('leftover', 'bottleneck_block_27/conv2d/kernel', (1, 1, 8, 8)),
+      'c': convert.Variable('outer', 'outer_scope/conv2d_1/kernel', (1, 1, 8, 8)),
+  }
+  layers = {'conv2d': 'stem/Conv_0', 'conv2d_1': 'endpoint_3/Conv_0'}
+  keys = {v.key: key for v, key in convert._functional_keys(  # pylint: disable=protected-access
+      variables, layers, 'backbone')}
+  assert keys == {'stem': 'params/backbone/stem/Conv_0/kernel', 'leftover': None,
+                  'outer': 'params/backbone/endpoint_3/Conv_0/kernel'}
+
+
+def test_rpn_norms_map_to_the_level_their_keras_name_records():
+  name = 'deep_mask_rcnn_model/rpn_head/rpn-conv-norm_2_0/gamma'
+  assert convert.rpn_head_key('_norms/0/0/gamma', 3, name) == 'params/rpn_head/norm_2_0/scale'
+  assert convert.rpn_head_key('_norms/0/0/gamma', 3) == 'params/rpn_head/norm_3_0/scale'
+
+
 def test_missing_backbone_is_reported(tmp_path):
   import tensorflow as tf
   tf.train.Checkpoint(model=tf.Module()).write(str(tmp_path / 'ckpt'))
@@ -399,3 +593,31 @@ def test_cli_writes_what_init_from_loads(official, spine, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          {'params': state.params, 'batch_stats': state.batch_stats},
                          spine.variables)
+
+
+@pytest.mark.oracle
+def test_cli_refuses_a_config_of_another_architecture(official, tmp_path):
+  """The user's path: a SpineNet config of the wrong size, levels and mask head (whose stages
+  the config's crops do not fit, so config validation fails too) exits with the flags that
+  describe the checkpoint, writing nothing."""
+  out = tmp_path / 'converted'
+  overrides = {
+      'data.image_size': SPINE_SIZE, 'model.backbone.type': 'spinenet96',
+      'model.min_level': 2, 'model.max_level': 6,
+      'model.width_multiplier': WIDTH, 'model.num_classes': NUM_CLASSES,
+      'model.box_head.num_convs': 2, 'model.box_head.num_filters': 16,
+      'model.box_head.fc_dims': 32, 'model.mask_head.type': 'hourglass52',
+      'model.mask_head.num_filters': 16, 'model.mask_head.crop_size': 16,
+  }
+  result = subprocess.run(
+      [sys.executable, '-m', 'deepmarc_jax.tools.convert_tf_checkpoint',
+       f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}',
+       *(f'--config.{k}={v}' for k, v in overrides.items()),
+       f'--tf_checkpoint={official / "spinenet"}', f'--out={out}'],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  print(result.stderr[-3000:], file=sys.stderr)
+  assert result.returncode == 1 and not out.exists()
+  assert 'Traceback' not in result.stderr
+  assert ('All together: --config.model.backbone.type=spinenet49 --config.model.min_level=3 '
+          '--config.model.max_level=7 --config.model.mask_head.type=hourglass20') in result.stderr
+  assert 'config.model.mask_head.crop_size=16 must be a multiple of 32' in result.stderr

@@ -225,3 +225,34 @@ def test_converter_names_what_does_not_match(official):
   deepmarc = deepmac_centernet.config_lib.base_config()
   with pytest.raises(convert_tf_checkpoint.ConversionError, match='no backbone'):
     convert_tf_checkpoint.convert_checkpoint(ckpt, deepmarc)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize('field, value, line', [
+    ('model.backbone.type', 'hourglass104',
+     'backbone: checkpoint has hourglass104_tiny, config says hourglass104: '
+     'set --config.model.backbone.type=hourglass104_tiny'),
+    ('model.mask_head.type', 'hourglass52',
+     'mask network: checkpoint has hourglass100, config says hourglass52: '
+     'set --config.model.mask_head.type=hourglass100'),
+    ('model.mask_head.num_filters', 32,
+     'mask network filters (nc): checkpoint has 8, config says 32: '
+     'set --config.model.mask_head.num_filters=8'),
+    ('model.num_classes', NUM_CLASSES + 3, 'set --config.model.num_classes=' + str(NUM_CLASSES + 1)),
+    ('model.deepmac.use_xy', False, 'set --config.model.deepmac.use_xy=True'),
+])
+def test_a_config_of_another_deepmac_is_refused_with_the_field_to_set(official, field, value,
+                                                                      line):
+  """Each common mistake stops the conversion with the field and the value to set."""
+  from deepmarc_jax.tools import convert_tf_checkpoint  # pylint: disable=g-import-not-at-top
+  _, _, ckpt = official
+  config = _config()
+  parent, name = field.rsplit('.', 1)
+  node = config
+  for part in parent.split('.'):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(convert_tf_checkpoint.ConversionError) as error:
+    convert_tf_checkpoint.convert_checkpoint(ckpt, config)
+  assert 'nothing was converted' in str(error.value)
+  assert line in str(error.value), str(error.value)[:3000]
