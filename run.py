@@ -3,6 +3,8 @@ r"""Entry point: `python run.py --config=experiments/FILE.py[:variants] --workdi
 Every config field can be overridden: `--config.model.mask_head.type=hourglass100`. The config
 is validated before any data is read; the resolved config is written to the workdir.
 """
+import contextlib
+import errno
 import logging as logging_std
 import os
 import sys
@@ -72,29 +74,61 @@ def main(argv):
   except config_lib.ConfigError as e:
     _fail(str(e))
 
+  import jax  # pylint: disable=g-import-not-at-top
   from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  checkpoint.write_run_config(config, _WORKDIR.value)
-  logging.info('config:\n%s', config)
-
   if jax_distributed_needed():
-    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  if _MODE.value == 'prepare':
-    from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
-    prepare.run(config, _WORKDIR.value)
-  else:
-    from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
-    from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  with contextlib.ExitStack() as stack:
+    if _MODE.value == 'train_and_eval' and jax.process_index() == 0:
+      # Before anything is written: a second run on a workdir in training stops here.
+      try:
+        stack.enter_context(checkpoint.WorkdirLock(workdir))
+      except checkpoint.WorkdirInUseError as e:
+        _fail(str(e))
+    previous = checkpoint.read_run_config_text(workdir)
     try:
-      if _MODE.value == 'eval':
-        try:
-          eval_loop.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)
-        except FileNotFoundError as e:  # no checkpoint, or not of that step
-          _fail(str(e))
-      else:
-        train.train_and_evaluate(config, _WORKDIR.value)
-    except train.NonFiniteLossError as e:
-      _fail(str(e))
+      checkpoint.write_run_config(config, workdir)
+    except OSError as e:
+      _fail(f'cannot write the run config: {e}')
+    changed = config_lib.changed_fields(previous, config)
+    if changed and checkpoint.kept_steps(workdir):
+      logging.warning('this workdir\'s checkpoints were written with another config; changed: %s',
+                      '; '.join(changed))
+    logging.info('config:\n%s', config)
+    _run_mode(config, workdir, previous, changed)
+
+
+def _run_mode(config, workdir: str, previous: str | None, changed: list[str]) -> None:
+  from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.data import coco_format  # pylint: disable=g-import-not-at-top
+  from deepmarc_jax.evaluation import loop as eval_loop  # pylint: disable=g-import-not-at-top
+  try:
+    if _MODE.value == 'prepare':
+      from deepmarc_jax import prepare  # pylint: disable=g-import-not-at-top
+      prepare.run(config, workdir)
+    elif _MODE.value == 'eval':
+      try:
+        eval_loop.evaluate_checkpoint(config, workdir, _STEP.value)
+      except FileNotFoundError as e:  # no checkpoint, or not of that step
+        _fail(str(e))
+    else:
+      train.train_and_evaluate(config, workdir)
+  except checkpoint.CheckpointMismatchError as e:
+    if previous is not None:  # the workdir keeps the config its checkpoints were written with
+      checkpoint.write_run_config_text(previous, workdir)
+    hint = (f' The config differs from the one this workdir ran with in: {"; ".join(changed)}.'
+            if changed else '')
+    _fail(f'{e}{hint}')
+  except (train.NonFiniteLossError, checkpoint.DamagedCheckpointsError,
+          checkpoint.CheckpointWriteError, coco_format.BadInputError) as e:
+    _fail(str(e))
+  except OSError as e:  # e.g. a full disk while building the data or writing an evaluation
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+      _fail(f'{e}. Checkpoints already in {workdir}/checkpoints are intact: free the space '
+            '(or fix the permissions) and run the same command again to resume.')
+    raise
 
 
 def jax_distributed_needed() -> bool:

@@ -83,9 +83,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint.for_workdir(workdir, config.train.checkpoint_every_steps)
   rng = jax.random.key(config.seed)
   state = experiment_lib.init_state(exp, rng)
-  if ckpt.latest_step() is not None:  # resume first
-    state = ckpt.restore(checkpoint.abstract(state))
-    logging.info('resumed from step %d', int(state.step))
+  restored, resumed_step = ckpt.restore_latest_intact(checkpoint.abstract(state))
+  if restored is not None:  # resume first
+    state = restored
+    logging.info('resumed from step %d', resumed_step)
+    if is_main:
+      _trim_metrics(workdir, resumed_step)
   elif config.get('init_from'):  # then the variables of a converted (or earlier) model
     state = experiment_lib.load_init_from(state, config.init_from)
     logging.info('params and batch_stats from %s', config.init_from)
@@ -131,8 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bar.clear()
         writer.write_scalars(step, summary)
         if is_main:
-          with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(dict(step=step, **summary)) + '\n')
+          _append_metrics(workdir, dict(step=step, **summary))
         logging.info('step %d: %s', step, {k: round(v, 4) for k, v in summary.items()})
       if save and ckpt.save(step, state, force=last or stop):
         logging.info('checkpoint at step %d', step)
@@ -157,6 +159,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_loop.write_prediction_overlays(exp, state, os.path.join(workdir, 'predictions.png'),
                                         detect)
   return results
+
+
+METRICS = 'metrics.jsonl'
+
+
+def _append_metrics(workdir: str, record: dict) -> None:
+  path = os.path.join(workdir, METRICS)
+  try:
+    with open(path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+  except OSError as e:  # a failed write() names no file: name it
+    raise OSError(e.errno, f'{e.strerror} (writing {path})', path) from e
+
+
+def _trim_metrics(workdir: str, step: int) -> None:
+  """Keeps the metrics of steps up to the resumed `step`: the resumed run logs the later ones
+  again (as an uninterrupted run would), and a killed run may have left half a line."""
+  path = os.path.join(workdir, METRICS)
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.get('step', step + 1) <= step:
+        kept.append(json.dumps(record) + '\n')
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
 
 
 def _evaluation_missed(config, workdir: str, start_step: int) -> bool:

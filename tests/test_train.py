@@ -30,9 +30,12 @@ def test_train_step_on_8_devices_matches_1_device():
   assert out['update_rel_diff'] <= 2 * out['noise_update_rel_diff'] + 1e-4
 
 
-def _run(workdir, data_dir, *overrides, **environ):
+def _run(workdir, data_dir, *overrides, program=('run.py',), **environ):
+  """run.py (or `program=('-m', 'tests.kill_inside_save')`, run.py killed inside a save) on
+  the `demo,tiny` config."""
+  program = [str(REPO / p) if p.endswith('.py') else p for p in program]
   return subprocess.Popen(
-      [sys.executable, str(REPO / 'run.py'),
+      [sys.executable, *program,
        f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}:demo,tiny',
        f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *overrides],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
@@ -54,22 +57,38 @@ def shapes_data_dir(tmp_path_factory):
   return config.data.data_dir
 
 
-@pytest.mark.slow
-def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
-  """Uninterrupted 6 steps vs SIGTERM mid-run + resume: identical losses after the restart."""
-  # The uninterrupted run also scores masks from the GT boxes (the real segment_boxes path).
-  full = _run(tmp_path / 'full', shapes_data_dir, '--config.eval.gt_box_masks=True')
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, shared by this module's run.py processes: the train
+  step (the same in all of them) compiles once."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, shapes_data_dir, compilation_cache):
+  """{step: loss} of 6 uninterrupted steps of `demo,tiny`, which also scores masks from the GT
+  boxes (the real segment_boxes path)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  full = _run(workdir, shapes_data_dir, '--config.eval.gt_box_masks=True',
+              JAX_COMPILATION_CACHE_DIR=str(compilation_cache))
   out, _ = full.communicate(timeout=900)
   assert full.returncode == 0, out[-3000:]
-  reference = _losses(tmp_path / 'full')
-  assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+  losses = _losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   assert 'segm@GT' in out
-  from_gt = json.loads((tmp_path / 'full' / 'eval_6.json').read_text())['segm_gt_boxes']
+  from_gt = json.loads((workdir / 'eval_6.json').read_text())['segm_gt_boxes']
   assert 0.0 <= from_gt['AP'] <= 1.0 and set(from_gt) >= {'seen', 'unseen', 'per_category'}
+  return losses
 
+
+@pytest.mark.slow
+def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir, uninterrupted,
+                                               compilation_cache):
+  """Uninterrupted 6 steps vs SIGTERM mid-run + resume: identical losses after the restart."""
+  reference = uninterrupted
   # The interrupted run and its resumption share JAX's persistent compilation cache: the resumed
-  # process loads the train step the killed one compiled, and must still continue exactly.
-  cache = tmp_path / 'jax_cache'
+  # process loads the train step compiled before, and must still continue exactly.
+  cache = compilation_cache
   work = tmp_path / 'killed'
   killed = _run(work, shapes_data_dir, JAX_COMPILATION_CACHE_DIR=str(cache))
   deadline = time.time() + 600
@@ -96,6 +115,97 @@ def test_sigterm_then_resume_continues_exactly(tmp_path, shapes_data_dir):
   after = _losses(work)
   for step in range(stopped_at + 1, 7):
     np.testing.assert_allclose(after[step], reference[step], rtol=1e-6)
+
+
+def _wait_for(process, condition, what, timeout=600):
+  deadline = time.time() + timeout
+  while not condition():
+    if process.poll() is not None:
+      out, _ = process.communicate()
+      raise AssertionError(f'the run ended before {what}:\n{out[-3000:]}')
+    if time.time() > deadline:
+      raise AssertionError(f'no {what} in {timeout} s')
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_resumes_from_the_last_complete_checkpoint(
+    tmp_path, shapes_data_dir, uninterrupted, compilation_cache):
+  """SIGKILL (no handler runs) between steps, then inside a save just after its temporary
+  folder appears, then inside a save with every array written but not committed: each next
+  run.py resumes from the last complete checkpoint (every 2 steps), losing at most 2 steps,
+  and gives the uninterrupted run's losses. Meanwhile a second run.py on the same workdir is
+  turned away, naming the workdir and the running process, and the killed runs' locks block
+  nothing."""
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(compilation_cache))
+  reference = uninterrupted
+
+  work = tmp_path / 'killed'
+  checkpoints = work / 'checkpoints'
+  kept = lambda: sorted(int(p.name) for p in checkpoints.glob('[0-9]*') if p.name.isdigit())  # noqa: E731
+
+  def check_losses(resumed_at, upto):
+    losses = _losses(work)
+    assert sorted(losses) == list(range(1, upto + 1)), sorted(losses)
+    for step in range(resumed_at + 1, upto + 1):
+      np.testing.assert_allclose(losses[step], reference[step], rtol=1e-6, err_msg=str(step))
+
+  # 1. Between steps: after step 3, the checkpoint of step 2 written.
+  first = _run(work, shapes_data_dir, program=('-m', 'tests.kill_inside_save'),
+               HANG_AFTER_STEP='3', **cache)
+  _wait_for(first, lambda: (work / 'metrics.jsonl').exists() and max(_losses(work)) == 3
+            and kept()[-1:] == [2], 'step 3 after checkpoint 2')
+  second = _run(work, shapes_data_dir, **cache)
+  out, _ = second.communicate(timeout=600)
+  assert second.returncode == 2, out[-3000:]
+  assert f'{work} is in use by process {first.pid} on ' in out, out[-3000:]
+  first.kill()
+  first.wait()
+
+  # 2. Inside the save of step 4, its temporary folder just created; 3. inside the save of
+  # step 6, every array written, the rename not done.
+  for step, moment in ((4, 'start'), (6, 'commit')):
+    resumed_from = kept()[-1]
+    killed = _run(work, shapes_data_dir, program=('-m', 'tests.kill_inside_save'),
+                  KILL_INSIDE_SAVE_OF_STEP=str(step), KILL_AT=moment, **cache)
+    out, _ = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, out[-3000:]
+    assert f'resumed from step {resumed_from}' in out
+    check_losses(resumed_from, step)
+    assert step not in kept() and any(checkpoints.glob(f'{step}.orbax-checkpoint-tmp*'))
+
+  # The last run finishes from step 4 and cleans the unfinished folder up.
+  resumed_from = kept()[-1]
+  assert resumed_from == 4
+  last = _run(work, shapes_data_dir, **cache)
+  out, _ = last.communicate(timeout=900)
+  assert last.returncode == 0, out[-3000:]
+  assert 'resumed from step 4' in out
+  check_losses(4, 6)
+  assert 6 in kept() and not list(checkpoints.glob('*tmp*'))
+  assert (work / 'eval_6.json').exists()
+
+
+@pytest.mark.slow
+def test_a_workdir_of_another_config_is_refused_and_keeps_its_config(
+    tmp_path, tiny_workdir, shapes_data_dir, compilation_cache):
+  """run.py with a config whose train state does not fit the workdir's checkpoints stops before
+  training, naming the checkpoint folder, the arrays and the config fields that changed, and
+  puts back the config.json the checkpoints were written with."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  work = tmp_path / 'work'
+  shutil.copytree(tiny_workdir, work)
+  original = (work / 'config.json').read_text()
+  run = _run(work, shapes_data_dir, '--config.model.mask_head.num_filters=8',
+             JAX_COMPILATION_CACHE_DIR=str(compilation_cache))
+  out, _ = run.communicate(timeout=900)
+  assert run.returncode == 2, out[-3000:]
+  assert f'FATAL: {work / "checkpoints" / "1"} holds a train state of another config' in out
+  assert ('params.mask_head.convnet.conv_input_conv_block.Conv_0.kernel (3, 3, 32, 16) float32 '
+          'in the checkpoint, (3, 3, 32, 8) float32 in this config') in out, out[-3000:]
+  assert 'model.mask_head.num_filters: 16 -> 8' in out
+  assert (work / 'config.json').read_text() == original
+  assert sorted(p.name for p in (work / 'checkpoints').iterdir()) == ['1']
 
 
 @pytest.mark.slow
