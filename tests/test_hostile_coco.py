@@ -170,7 +170,7 @@ def test_unlabelled_splits_must_be_declared(tmp_path):
     _prepare(CocoInstances(config=config, data_dir=str(tmp_path / 'typo')), raw)
 
 
-def test_run_py_builder_path_applies_the_policy_and_the_json_size_limit(tmp_path):
+def test_run_py_builder_path_applies_the_policy_and_the_json_size_limit(tmp_path, caplog):
   """run.py builds through `pipeline.get_builder(config.data)`."""
   raw = tmp_path / 'raw'
   _write_split(raw, 'train', [_image(1, 'a.jpg')], [_ann(1, 1), _ann(2, 1), _ann(2, 1)])
@@ -189,6 +189,11 @@ def test_run_py_builder_path_applies_the_policy_and_the_json_size_limit(tmp_path
     pipeline.get_builder(data_config('small', max_json_mb=1e-5))
   builder = pipeline.get_builder(data_config('skip'))
   assert builder.info.metadata['read_stats']['train']['skipped'] == {'duplicate_annotation_id': 1}
+  # A later run reuses the built dataset, and says again what its build skipped.
+  with caplog.at_level(logging.WARNING):
+    pipeline.get_builder(data_config('skip'))
+  assert any('split train, was built skipping bad input (data.on_bad_input=skip): 1 '
+             'duplicate_annotation_id' in r.getMessage() for r in caplog.records), caplog.text
 
   config = config_lib.base_config()
   config.data.max_json_mb = 0

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from deepmarc_jax.data import class_splits
 from deepmarc_jax.data import coco_instances  # registers the builder  # noqa: F401
@@ -270,6 +271,7 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
     kwargs['data_dir'] = os.path.expanduser(data_config.data_dir)
   builder = tfds.builder(data_config.tfds_name, **kwargs)
   if builder.is_prepared():
+    _warn_of_skipped_records(builder)
     return builder
   # Processes that start together (sweep cells, one per core) would each generate the data and
   # all but the first fail to move theirs into place; one prepares, the others wait and read it.
@@ -289,6 +291,19 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
                       f'{data_config.tfds_name} in {builder.data_dir} ({str(e)[:300]}); TFDS '
                       'removed the unfinished files', os.fspath(builder.data_dir)) from e
   return builder
+
+
+def _warn_of_skipped_records(builder) -> None:
+  """The build logged what it skipped; a run that reuses the dataset says it again, once per
+  split, so that nobody trains on a silently thinned dataset."""
+  stats = builder.info.metadata.get('read_stats', {}) if builder.info.metadata else {}
+  for split, split_stats in stats.items():
+    skipped = split_stats.get('skipped') or {}
+    if skipped or split_stats.get('annotations_of_skipped_images'):
+      reasons = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
+      logging.warning('%s, split %s, was built skipping bad input (data.on_bad_input=skip): '
+                      '%s; see read_stats in %s/dataset_info.json', builder.name, split,
+                      reasons, builder.data_dir)
 
 
 @contextlib.contextmanager
