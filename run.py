@@ -79,18 +79,30 @@ def main(argv):
   if jax_distributed_needed():
     jax.distributed.initialize()
   workdir = _WORKDIR.value
+  is_main = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
-    if _MODE.value == 'train_and_eval' and jax.process_index() == 0:
-      # Before anything is written: a second run on a workdir in training stops here.
-      try:
-        stack.enter_context(checkpoint.WorkdirLock(workdir))
-      except checkpoint.WorkdirInUseError as e:
-        _fail(str(e))
+    if _MODE.value == 'train_and_eval':
+      # Before anything is written: a second run on a workdir in training stops here (every
+      # process of it: process 0 holds the lock and says whether it got it).
+      refusal = ''
+      if is_main:
+        try:
+          stack.enter_context(checkpoint.WorkdirLock(workdir))
+        except checkpoint.WorkdirInUseError as e:
+          refusal = str(e)
+      if jax.process_count() > 1:
+        import numpy as np  # pylint: disable=g-import-not-at-top
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        refused = multihost_utils.broadcast_one_to_all(np.asarray(bool(refusal)))
+        refusal = refusal or (f'{workdir} is in use by another run' if refused else '')
+      if refusal:
+        _fail(refusal)
     previous = checkpoint.read_run_config_text(workdir)
-    try:
-      checkpoint.write_run_config(config, workdir)
-    except OSError as e:
-      _fail(f'cannot write the run config: {e}')
+    if is_main:  # one writer of the workdir's files
+      try:
+        checkpoint.write_run_config(config, workdir)
+      except OSError as e:
+        _fail(f'cannot write the run config: {e}')
     changed = config_lib.changed_fields(previous, config)
     if changed and checkpoint.kept_steps(workdir):
       logging.warning('this workdir\'s checkpoints were written with another config; changed: %s',
@@ -100,6 +112,7 @@ def main(argv):
 
 
 def _run_mode(config, workdir: str, previous: str | None, changed: list[str]) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   from deepmarc_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from deepmarc_jax import train  # pylint: disable=g-import-not-at-top
   from deepmarc_jax.data import coco_format  # pylint: disable=g-import-not-at-top
@@ -116,7 +129,7 @@ def _run_mode(config, workdir: str, previous: str | None, changed: list[str]) ->
     else:
       train.train_and_evaluate(config, workdir)
   except checkpoint.CheckpointMismatchError as e:
-    if previous is not None:  # the workdir keeps the config its checkpoints were written with
+    if previous is not None and jax.process_index() == 0:  # the workdir keeps its checkpoints' config
       checkpoint.write_run_config_text(previous, workdir)
     hint = (f' The config differs from the one this workdir ran with in: {"; ".join(changed)}.'
             if changed else '')
@@ -126,8 +139,10 @@ def _run_mode(config, workdir: str, previous: str | None, changed: list[str]) ->
     _fail(str(e))
   except OSError as e:  # e.g. a full disk while building the data or writing an evaluation
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-      _fail(f'{e}. Checkpoints already in {workdir}/checkpoints are intact: free the space '
-            '(or fix the permissions) and run the same command again to resume.')
+      kept = (f' The checkpoints in {workdir}/checkpoints are intact.'
+              if _MODE.value == 'train_and_eval' else '')
+      _fail(f'{e}.{kept} Free the space (or fix the permissions) and run the same command '
+            'again.')
     raise
 
 

@@ -29,8 +29,12 @@ import threading
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from deepmarc_jax import atomic
 
 CHECKPOINTS = 'checkpoints'
 DAMAGED_CHECKPOINTS = 'checkpoints_damaged'
@@ -58,14 +62,17 @@ class WorkdirInUseError(RuntimeError):
 class Checkpointer:
   """An orbax CheckpointManager for one pytree (the train state) in `directory`."""
 
-  def __init__(self, directory: str, *, save_every_steps: int, max_to_keep: int = 3):
+  def __init__(self, directory: str, *, save_every_steps: int, max_to_keep: int = 3,
+               writer: bool = False):
+    """`writer`: this process trains here (it holds the workdir's lock). Only a writer clears
+    the unfinished step folders a killed or failed save left: a reader (an evaluation of a
+    workdir in training) would delete the trainer's save in progress."""
     # orbax restores only from absolute paths; run.py --workdir may be relative.
     self.directory = os.path.abspath(directory)
-    # cleanup_tmp_directories: the unfinished step folders of a killed or failed save go.
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every_steps, max_to_keep=max_to_keep, create=True,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=writer))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -88,9 +95,14 @@ class Checkpointer:
     A checkpoint whose arrays do not match `abstract_state` (another config) raises
     CheckpointMismatchError naming the folder and the arrays. A damaged one (unreadable files,
     missing arrays) is skipped with a warning; once an older one restores, the damaged ones
-    move to ../checkpoints_damaged/, out of the way of this run's saves and of orbax's
-    max_to_keep, which would otherwise count them and delete a good one. If none restores,
-    DamagedCheckpointsError, and nothing is moved.
+    move to ../checkpoints_damaged/: left in place, the run's next save of that step would fail
+    (orbax does not overwrite a step), and max_to_keep would count them as kept. If none
+    restores, DamagedCheckpointsError, and nothing is moved. Errors that say nothing about the
+    files (device memory, the runtime) are raised as they are, never taken for damage.
+
+    With several processes, each tries the same steps in the same order and they agree on
+    each outcome (a step is intact only if it restored everywhere); process 0 alone moves
+    folders.
     """
     expected = _shapes(abstract_state)
     damaged = []
@@ -104,10 +116,15 @@ class Checkpointer:
               f'{folder} holds a train state of another config ({len(problems)} arrays '
               f'differ): {"; ".join(problems[:6])}{"; ..." if len(problems) > 6 else ""}. '
               'Resume it with the config that wrote it, or train this config in a new --workdir.')
+      state, reason = None, None
       try:
         state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      except (jax.errors.JaxRuntimeError, MemoryError):
+        raise  # out of device or host memory, a runtime fault: not the files' doing
       except Exception as e:  # pylint: disable=broad-except  (tensorstore raises plain ones)
         reason = _first_line(e)
+      if not _everywhere(reason is None):
+        reason = reason or 'it did not restore in another process'
         logging.warning('checkpoint %s is damaged, trying an older one: %s', folder, reason)
         damaged.append((step, folder, reason))
         continue
@@ -119,20 +136,23 @@ class Checkpointer:
     if damaged:
       raise DamagedCheckpointsError(
           'no kept checkpoint restores: ' + '; '.join(f'{f}: {r}' for _, f, r in damaged)
-          + '. Move or delete them to train afresh in this --workdir.')
+          + '. To train afresh in this --workdir, move them out of its checkpoints/ folder.')
     return None, None
 
   def _damaged_root(self) -> str:
     return os.path.join(os.path.dirname(self.directory), DAMAGED_CHECKPOINTS)
 
   def _move_aside(self, steps: list[int]) -> None:
-    root = self._damaged_root()
-    os.makedirs(root, exist_ok=True)
-    for step in steps:
-      target, n = os.path.join(root, str(step)), 1
-      while os.path.exists(target):  # an earlier resume moved a damaged step of that number
-        target, n = os.path.join(root, f'{step}.{n}'), n + 1
-      shutil.move(self.step_directory(step), target)
+    if jax.process_index() == 0:
+      root = self._damaged_root()
+      os.makedirs(root, exist_ok=True)
+      for step in steps:
+        target, n = os.path.join(root, str(step)), 1
+        while os.path.exists(target):  # an earlier resume moved a damaged step of that number
+          target, n = os.path.join(root, f'{step}.{n}'), n + 1
+        shutil.move(self.step_directory(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoints moved aside')
     self.manager.reload()
 
   def should_save(self, step: int) -> bool:
@@ -156,8 +176,8 @@ class Checkpointer:
 
   def _write_error(self, error: Exception) -> CheckpointWriteError:
     latest = self.manager.latest_step()
-    kept = ('no earlier checkpoint is kept' if latest is None else
-            f'the checkpoint of step {latest} ({self.step_directory(latest)}) is intact: the '
+    kept = ('No earlier checkpoint is kept' if latest is None else
+            f'The checkpoint of step {latest} ({self.step_directory(latest)}) is intact: the '
             'next run resumes from it')
     return CheckpointWriteError(
         f'could not write a checkpoint in {self.directory}: {_first_line(error)}. {kept}.')
@@ -193,6 +213,13 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def _everywhere(flag: bool) -> bool:
+  """Whether `flag` holds in every process (itself with one process)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
 
 
 def _first_line(error: Exception) -> str:
@@ -251,21 +278,28 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), RUN_LOCK)
+    self.path = os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), RUN_LOCK)
     self._file = None
 
   def __enter__(self) -> WorkdirLock:
+    if '://' in self.path:  # an object store: no flock
+      return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     handle = open(self.path, 'a+')  # pylint: disable=consider-using-with
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
       handle.seek(0)
       holder = handle.read().strip() or 'another process'
       handle.close()
       raise WorkdirInUseError(
           f'{os.path.dirname(self.path)} is in use by {holder}: two runs would write the same '
           'checkpoints. Wait for it or stop it, or give this run another --workdir.') from None
+    except OSError as e:  # a file system without flock: refusing every run would be worse
+      logging.warning('cannot lock %s (%s): nothing stops a second run on this workdir',
+                      self.path, e)
+      handle.close()
+      return self
     handle.seek(0)
     handle.truncate()
     started = datetime.datetime.now().isoformat(timespec='seconds')
@@ -285,9 +319,10 @@ def abstract(tree):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def for_workdir(workdir: str, save_every_steps: int = 1) -> Checkpointer:
-  """The Checkpointer of a run's workdir (WORKDIR/checkpoints)."""
-  return Checkpointer(os.path.join(workdir, CHECKPOINTS), save_every_steps=save_every_steps)
+def for_workdir(workdir: str, save_every_steps: int = 1, writer: bool = False) -> Checkpointer:
+  """The Checkpointer of a run's workdir (WORKDIR/checkpoints); `writer` for the trainer."""
+  return Checkpointer(os.path.join(workdir, CHECKPOINTS), save_every_steps=save_every_steps,
+                      writer=writer)
 
 
 def kept_steps(workdir: str) -> list[int]:
@@ -305,10 +340,7 @@ def write_run_config(config, workdir: str) -> str:
   """Writes the resolved config to WORKDIR/config.json (what run.py does first); returns the
   path. `read_run_config` and the masks-from-boxes tools read it back."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, RUN_CONFIG)
-  with open(path, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return path
+  return write_run_config_text(config.to_json_best_effort(indent=2), workdir)
 
 
 def read_run_config_text(workdir: str) -> str | None:
@@ -320,9 +352,13 @@ def read_run_config_text(workdir: str) -> str | None:
     return f.read()
 
 
-def write_run_config_text(text: str, workdir: str) -> None:
-  with open(os.path.join(workdir, RUN_CONFIG), 'w') as f:
-    f.write(text)
+def write_run_config_text(text: str, workdir: str) -> str:
+  """Writes WORKDIR/config.json atomically (a full disk or a kill leaves the old one whole);
+  returns its path."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  atomic.write_text(path, text)
+  return path
+
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -22,6 +22,7 @@ from clu import metric_writers
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
+from deepmarc_jax import atomic
 from deepmarc_jax import checkpoint
 from deepmarc_jax import experiment as experiment_lib
 from deepmarc_jax import optimizers
@@ -33,6 +34,9 @@ from deepmarc_jax.models import meta_archs
 
 Experiment = experiment_lib.Experiment
 TrainState = experiment_lib.TrainState
+
+
+METRICS = 'metrics.jsonl'  # one JSON line of averaged train metrics per logged step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   exp = experiment_lib.setup(config)
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  ckpt = checkpoint.for_workdir(workdir, config.train.checkpoint_every_steps)
+  ckpt = checkpoint.for_workdir(workdir, config.train.checkpoint_every_steps, writer=True)
   rng = jax.random.key(config.seed)
   state = experiment_lib.init_state(exp, rng)
   restored, resumed_step = ckpt.restore_latest_intact(checkpoint.abstract(state))
@@ -161,16 +165,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-METRICS = 'metrics.jsonl'
-
-
 def _append_metrics(workdir: str, record: dict) -> None:
   path = os.path.join(workdir, METRICS)
   try:
     with open(path, 'a') as f:
       f.write(json.dumps(record) + '\n')
   except OSError as e:  # a failed write() names no file: name it
-    raise OSError(e.errno, f'{e.strerror} (writing {path})', path) from e
+    raise OSError(e.errno, f'{e.strerror} (writing {path})') from e
 
 
 def _trim_metrics(workdir: str, step: int) -> None:
@@ -188,9 +189,7 @@ def _trim_metrics(workdir: str, step: int) -> None:
         continue
       if record.get('step', step + 1) <= step:
         kept.append(json.dumps(record) + '\n')
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(kept)
-  os.replace(path + '.tmp', path)
+  atomic.write_text(path, ''.join(kept))
 
 
 def _evaluation_missed(config, workdir: str, start_step: int) -> bool:

@@ -91,8 +91,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   # Moved aside, not deleted; the good ones stay where they were.
   assert (tmp_path / 'checkpoints_damaged' / '3').is_dir()
   assert sorted(p.name for p in directory.iterdir()) == ['1', '2']
-  # Training on saves step 3 again, and max_to_keep=3 keeps 1 and 2 (a damaged 3 left in place
-  # would have been counted, and step 1 deleted once 4 is saved).
+  # Training on saves step 3 again (orbax would refuse to while a damaged 3 is in place) and
+  # 4; max_to_keep=3 then keeps 2, 3 and 4.
   assert ckpt.save(3, _state(3.0)) and ckpt.save(4, _state(4.0))
   ckpt.wait()
   assert ckpt.kept_steps() == [2, 3, 4]

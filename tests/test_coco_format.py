@@ -462,3 +462,12 @@ def test_unknown_policy_is_rejected(tmp_path):
   split = _dataset(tmp_path, [], [])
   with pytest.raises(ValueError, match='skip'):
     _read(split, 'ignore')
+
+
+def test_iscrowd_as_json_booleans_reads_as_zero_and_one(tmp_path):
+  split = _dataset(tmp_path, [], [_ann(1, GOOD_ID, iscrowd=True), _ann(2, GOOD_ID, iscrowd=False),
+                                  _ann(3, GOOD_ID, iscrowd='1')])
+  examples, stats = _read(split)
+  assert stats.skipped == {'malformed_iscrowd': 1}
+  objects = examples[0][1]['objects']
+  assert dict(zip(objects['id'], objects['is_crowd'])) == {GOOD_ID: False, 1: True, 2: False}

@@ -44,7 +44,7 @@ def _state(seed: int, size: int):
 
 def test_saving_a_checkpoint_names_the_folder_and_keeps_the_last_one(small_tmpfs):
   directory = small_tmpfs / 'checkpoints'
-  ckpt = checkpoint.Checkpointer(str(directory), save_every_steps=1)
+  ckpt = checkpoint.Checkpointer(str(directory), save_every_steps=1, writer=True)
   assert ckpt.save(1, _state(1, 1000))
   ckpt.wait()
   with pytest.raises(checkpoint.CheckpointWriteError) as error:
@@ -53,9 +53,9 @@ def test_saving_a_checkpoint_names_the_folder_and_keeps_the_last_one(small_tmpfs
   ckpt.close()
   message = str(error.value)
   assert str(directory) in message and 'No space left on device' in message
-  assert f'the checkpoint of step 1 ({directory / "1"}) is intact' in message
-  # The next run (a new Checkpointer) clears the unfinished folder and resumes step 1.
-  reopened = checkpoint.Checkpointer(str(directory), save_every_steps=1)
+  assert f'The checkpoint of step 1 ({directory / "1"}) is intact' in message
+  # The next run (a new Checkpointer that trains) clears the unfinished folder and resumes 1.
+  reopened = checkpoint.Checkpointer(str(directory), save_every_steps=1, writer=True)
   state, step = reopened.restore_latest_intact(checkpoint.abstract(_state(0, 1000)))
   reopened.close()
   assert step == 1

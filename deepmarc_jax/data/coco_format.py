@@ -509,8 +509,9 @@ def _read_instance(ann: dict[str, Any], height: int, width: int, category_ids: s
            f'bbox {bbox} (x, y, width, height) lies wholly outside the {height}x{width} image')
     return None
   iscrowd = ann.get('iscrowd', 0)
-  if not _is_number(iscrowd) or iscrowd not in (0, 1):
-    report('malformed_iscrowd', where, f'iscrowd {iscrowd!r} is not 0 or 1')
+  # JSON true / false as well: some exporters write booleans.
+  if not (isinstance(iscrowd, bool) or (_is_number(iscrowd) and iscrowd in (0, 1))):
+    report('malformed_iscrowd', where, f'iscrowd {iscrowd!r} is not 0, 1, true or false')
     return None
   mask, reason, detail = _segmentation_to_mask(ann.get('segmentation'), height, width)
   if mask is None:

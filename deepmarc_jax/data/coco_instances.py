@@ -82,10 +82,15 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
   dataset's identity: a build with 'error' either fails or writes exactly what 'skip' writes.
   """
 
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.2.0': "'shapes' is drawn in the 'upright' style; the 1.0.0 shapes are "
-                            "'shapes_textured'."}
+                            "'shapes_textured'.",
+                   '1.3.0': 'Hostile inputs are skipped and counted (or stop the build): '
+                            'duplicate image or annotation ids, non-finite coordinates, boxes '
+                            'wholly outside the image, malformed iscrowd or RLE, decompression '
+                            'bombs; 16-bit PNGs are scaled to 8 bits, not clipped. Good inputs '
+                            'read as before.'}
   BUILDER_CONFIGS = [
       CocoInstancesConfig(
           name='coco2017', description='COCO 2017 instances with masks (train/validation).',

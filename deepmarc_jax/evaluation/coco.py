@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
+from deepmarc_jax import atomic
 from deepmarc_jax.ops.masks import paste_box_mask
 
 IOU_TYPES = ('bbox', 'segm')
@@ -507,14 +508,7 @@ def write_json(results: Mapping[str, Any], path: str | os.PathLike) -> None:
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   text = json.dumps(_json_compatible(results), indent=2, allow_nan=False)
-  try:
-    with open(path + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
-  except OSError as e:
-    if os.path.exists(path + '.tmp'):
-      os.remove(path + '.tmp')
-    raise OSError(e.errno, f'{e.strerror} (writing {path})', path) from e
+  atomic.write_text(path, text)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
