@@ -148,8 +148,10 @@ def _run_mode(config, workdir: str, previous: str | None, changed: list[str]) ->
 
 def jax_distributed_needed() -> bool:
   """Multi-process runs (e.g. TPU pods, SLURM) set these; one process needs no coordinator."""
-  return any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS',
-                                         'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
+  if int(os.environ.get('SLURM_NTASKS', '1') or '1') > 1:  # one task: a plain process
+    return True
+  return any(os.environ.get(v) for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
+                                         'MEGASCALE_COORDINATOR_ADDRESS'))
 
 
 if __name__ == '__main__':

@@ -860,3 +860,383 @@ def test_the_mask_head_sweep_variants_exclude_each_other():
   module = sweep_grid.load_module(str(REPO / 'experiments' / 'mask_head_sweep.py'))
   with pytest.raises(ValueError, match='at most one of quick, jitter, width'):
     module.get_config('quick,jitter')
+
+
+# SLURM job arrays (sweep.py --slurm_script).
+
+# pylint: disable-next=g-import-not-at-top
+from deepmarc_jax.sweeps import slurm as sweep_slurm  # noqa: E402
+
+_ENTRY = re.compile(r'^  (\d+)\) cell=(\S+) final=(\S+)\n     cmd=\((.*)\) ;;$', re.M)
+
+
+def _entries(text):
+  """{array index: (cell, final eval file, command line)} of a job-array script's case."""
+  return {int(i): (cell, final, line) for i, cell, final, line in _ENTRY.findall(text)}
+
+
+def _sbatch_lines(text):
+  return [line[len('#SBATCH '):] for line in text.splitlines() if line.startswith('#SBATCH ')]
+
+
+@pytest.mark.parametrize('texts,options', [
+    (['--gres=gpu:1 --time=24:00:00 --cpus-per-task=8'],
+     ['--gres=gpu:1', '--time=24:00:00', '--cpus-per-task=8']),
+    (['-p gpu', '--time 1:00:00 --exclusive', '-Jname'],
+     ['-p gpu', '--time 1:00:00', '--exclusive', '-Jname']),
+    (['--signal=B:TERM@300', "--comment='one_word'"],
+     ['--signal=B:TERM@300', '--comment=one_word']),
+    ([], []),
+])
+def test_sbatch_options_one_line_each(texts, options):
+  assert sweep_slurm.parse_sbatch_options(texts) == options
+
+
+@pytest.mark.parametrize('text,message', [
+    ('gpu:1', r"'gpu:1' is not an sbatch option"),
+    ('--time=1:00:00 2:00:00', r"'2:00:00' is not an sbatch option"),
+    ('-p gpu cpu', r"'cpu' is not an sbatch option"),
+    ('--array=0-3', r'sets --array itself: .*--slurm_max_parallel.*sbatch --array'),
+    ('-a 0-3', r'sets -a itself'),
+    ('--output=x.out', r'sets --output itself: .*SWEEP_DIR/slurm/%A_%a.out'),
+    ('-ox.out', r'sets -o itself'),
+    ('--comment="two words"', r"holds whitespace"),
+    ("--time='1:00", r'No closing quotation'),
+])
+def test_sbatch_options_errors(text, message):
+  with pytest.raises(ValueError, match=message):
+    sweep_slurm.parse_sbatch_options([text])
+
+
+def test_index_ranges():
+  assert sweep_slurm.index_ranges([6, 0, 1, 2, 3, 9, 10]) == '0-3,6,9-10'
+  assert sweep_slurm.index_ranges([4]) == '4'
+
+
+def test_slurm_script_holds_one_entry_per_cell(config_path, tmp_path):
+  """The script of --only=seed=0 (4 of 8 cells, one finished): each cell's index is its place in
+  the whole grid, its entry the command --print_commands prints; the finished one is left out of
+  --array but kept (and skipped at run time)."""
+  sweep = _load(config_path, tmp_path, only=['seed=0'])
+  _finish(sweep, sweep.cells[1])
+  options = sweep_slurm.parse_sbatch_options(['--gres=gpu:1 --time=24:00:00', '-p gpu'])
+  path = tmp_path / 'array.sh'
+  script = sweep_slurm.write_script(sweep, str(path), options, max_parallel=2,
+                                    cache_dir=str(tmp_path / 'sweep' / 'jax_cache'))
+  text = path.read_text()
+  assert os.access(path, os.X_OK) and text.startswith('#!/bin/bash\n')
+  assert script.array == '0,4,6%2' and script.finished == [DEFAULT_NAMES[2]]
+  assert script.indices == {DEFAULT_NAMES[i]: i for i in (0, 2, 4, 6)}
+  assert _sbatch_lines(text) == [
+      '--job-name=sweep', '--array=0,4,6%2', f'--output={tmp_path}/sweep/slurm/%A_%a.out',
+      '--gres=gpu:1', '--time=24:00:00', '-p gpu']
+  assert (tmp_path / 'sweep' / 'slurm').is_dir()  # sbatch does not create --output's folder
+  # sbatch reads #SBATCH lines up to the first command only.
+  first_command = next(i for i, line in enumerate(text.splitlines()[1:], 1)
+                       if line and not line.startswith('#'))
+  assert all(line.startswith('#') for line in text.splitlines()[:first_command])
+  assert len(_sbatch_lines('\n'.join(text.splitlines()[:first_command]))) == 6
+  entries = _entries(text)
+  assert sorted(entries) == [0, 2, 4, 6]
+  printed = sweep_grid.command_lines(sweep)
+  for k, cell in enumerate(sweep.cells):
+    name, final, line = entries[script.indices[cell.name]]
+    assert (name, final) == (cell.name, 'eval_100.json')
+    assert line == sweep_grid.command_line(sweep, cell)
+    assert printed[k] == (f'# finished: {cell.name}' if k == 1 else line)
+  assert 'export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$cache_dir}"' in text
+  assert f'cache_dir={tmp_path}/sweep/jax_cache\n' in text
+  assert f'cd {REPO}\n' in text
+  # Without a cache, a job name or a limit.
+  text, _ = sweep_slurm.script_text(sweep, str(path), ['-Jmine'])
+  assert _sbatch_lines(text) == ['--array=0,4,6', f'--output={tmp_path}/sweep/slurm/%A_%a.out',
+                                 '-Jmine']
+  assert 'JAX_COMPILATION_CACHE_DIR' not in text
+
+
+@pytest.mark.parametrize('max_parallel,message', [(-1, 'must be an integer >= 0'),
+                                                   (1.5, 'must be an integer >= 0')])
+def test_slurm_script_rejects_bad_max_parallel(config_path, tmp_path, max_parallel, message):
+  with pytest.raises(ValueError, match=message):
+    sweep_slurm.script_text(_load(config_path, tmp_path), str(tmp_path / 'a.sh'),
+                            max_parallel=max_parallel)
+
+
+def test_slurm_script_needs_an_unfinished_cell_and_a_plain_sweep_dir(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['type=default', 'train_crops=gt', 'seed=0'])
+  _finish(sweep, sweep.cells[0])
+  with pytest.raises(ValueError, match='all 1 cells are finished; nothing to submit'):
+    sweep_slurm.script_text(sweep, str(tmp_path / 'a.sh'))
+  odd = sweep_grid.load(config_path, str(tmp_path / '50%'))
+  with pytest.raises(ValueError, match="--output line cannot hold .*'%'"):
+    sweep_slurm.script_text(odd, str(tmp_path / 'a.sh'))
+
+
+def _fake_array(config_path, tmp_path, run_py_text=FAKE_RUN_PY):
+  """A job-array script of the fake sweep whose cells run a stand-in for run.py."""
+  sweep = _load(config_path, tmp_path)
+  fake_run_py = tmp_path / 'fake_run.py'
+  fake_run_py.write_text(run_py_text)
+  text, _ = sweep_slurm.script_text(sweep, str(tmp_path / 'array.sh'),
+                                    cache_dir=str(tmp_path / 'sweep' / 'jax_cache'),
+                                    run_py=str(fake_run_py))
+  (tmp_path / 'array.sh').write_text(text)
+  return sweep
+
+
+def _task(tmp_path, index, extra_environ=None, **popen):
+  environ = {k: v for k, v in os.environ.items()
+             if not k.startswith('SLURM_') and k != sweep_runner.CACHE_ENV}
+  if index is not None:
+    environ['SLURM_ARRAY_TASK_ID'] = str(index)
+  environ.update(extra_environ or {})
+  return subprocess.Popen(['bash', str(tmp_path / 'array.sh')], env=environ, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _run_task(tmp_path, index, extra_environ=None):
+  process = _task(tmp_path, index, extra_environ)
+  stdout, stderr = process.communicate(timeout=60)
+  return process.returncode, stdout, stderr
+
+
+def test_slurm_task_runs_its_cell_records_it_and_skips_it_once_finished(config_path, tmp_path):
+  sweep = _fake_array(config_path, tmp_path)
+  cell = sweep.all_cells[1]
+  workdir = pathlib.Path(cell.workdir(sweep.sweep_dir))
+  returncode, stdout, stderr = _run_task(tmp_path, 1)
+  assert returncode == 0, stderr
+  assert f'cell 1 ({cell.name}) finished: {workdir}/eval_100.json' in stdout
+  log = (workdir / 'log.txt').read_text()
+  assert re.search(r'=== \S+ slurm job none: \S+python\S* \S+fake_run.py --config=', log)
+  assert 'fake run.py' in log and f'--workdir={workdir}' in log
+  record = sweep_grid.read_cell_record(str(workdir))
+  assert record['returncode'] == 0 and record['attempts'] == 1
+  assert record['overrides'] == cell.overrides
+  assert record['command'] == sweep_grid.command(sweep, cell)
+  # Submitted again: the finished cell exits at once, running nothing.
+  returncode, stdout, _ = _run_task(tmp_path, 1)
+  assert returncode == 0 and 'is finished' in stdout and 'nothing to run' in stdout
+  assert (workdir / 'log.txt').read_text() == log
+  assert sweep_grid.read_cell_record(str(workdir))['attempts'] == 1
+
+
+def test_slurm_task_of_a_failing_cell_fails_with_its_status(config_path, tmp_path):
+  sweep = _fake_array(config_path, tmp_path)
+  cell = sweep.all_cells[4]  # resnet4: the fake run.py exits 3
+  returncode, _, stderr = _run_task(tmp_path, 4)
+  assert returncode == 3
+  assert f'cell 4 ({cell.name}) FAILED: run.py exit status 3 and no eval_100.json' in stderr
+  assert sweep_grid.read_cell_record(cell.workdir(sweep.sweep_dir))['returncode'] == 3
+
+
+@pytest.mark.parametrize('index,message', [
+    (None, 'FATAL: SLURM_ARRAY_TASK_ID is not set: submit this script with `sbatch '),
+    (8, "FATAL: SLURM_ARRAY_TASK_ID=8 is not the index of a cell of this script; its cells' "
+        'indices: 0-7'),
+    ('01', 'FATAL: SLURM_ARRAY_TASK_ID=01 is not the index'),
+])
+def test_slurm_task_without_a_cell_index_fails_with_one_line(config_path, tmp_path, index,
+                                                             message):
+  _fake_array(config_path, tmp_path)
+  returncode, stdout, stderr = _run_task(tmp_path, index)
+  assert returncode == 2 and stdout == '' and stderr.startswith(message)
+  assert len(stderr.splitlines()) == 1
+  assert not (tmp_path / 'sweep' / DEFAULT_NAMES[0]).exists()
+
+
+# Writes the environment it sees and the final eval.
+ENVIRON_RUN_PY = textwrap.dedent('''\
+    import json, os, sys
+    workdir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir='))
+    with open(os.path.join(workdir, 'environ.json'), 'w') as f:
+      json.dump(dict(os.environ), f)
+    open(os.path.join(workdir, 'eval_100.json'), 'w').write('{}')
+''')
+
+
+@pytest.mark.parametrize('ntasks', [None, '1', '2'])
+def test_slurm_task_runs_one_process_or_srun(config_path, tmp_path, ntasks):
+  """One task: run.py directly, without SLURM_NTASKS (no JAX coordinator for one process) and
+  with the sweep's compilation cache; more tasks: under srun, one run.py per task."""
+  sweep = _fake_array(config_path, tmp_path, ENVIRON_RUN_PY)
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  srun = bin_dir / 'srun'  # a stand-in: notes that it ran, then runs its command once
+  srun.write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun_ran\nexec "$@"\n')
+  srun.chmod(0o755)
+  extra = {'PATH': f'{bin_dir}:{os.environ["PATH"]}'}
+  if ntasks:
+    extra['SLURM_NTASKS'] = ntasks
+  returncode, _, stderr = _run_task(tmp_path, 3, extra)
+  assert returncode == 0, stderr
+  seen = json.loads((pathlib.Path(sweep.all_cells[3].workdir(sweep.sweep_dir))
+                     / 'environ.json').read_text())
+  assert seen.get('SLURM_NTASKS') == ('2' if ntasks == '2' else None)
+  assert (tmp_path / 'srun_ran').exists() == (ntasks == '2')
+  assert seen['SLURM_ARRAY_TASK_ID'] == '3'
+  assert seen[sweep_runner.CACHE_ENV] == f'{tmp_path}/sweep/jax_cache'
+  # The environment's cache wins.
+  returncode, _, stderr = _run_task(tmp_path, 5, {sweep_runner.CACHE_ENV: str(tmp_path / 'c')})
+  assert returncode == 0, stderr
+  seen = json.loads((pathlib.Path(sweep.all_cells[5].workdir(sweep.sweep_dir))
+                     / 'environ.json').read_text())
+  assert seen[sweep_runner.CACHE_ENV] == str(tmp_path / 'c')
+
+
+# Stands for run.py under a SIGTERM: checkpoints and exits 0 without the final eval.
+WAIT_FOR_SIGTERM_RUN_PY = textwrap.dedent('''\
+    import os, signal, sys, time
+    workdir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir='))
+    def on_term(signum, frame):
+      open(os.path.join(workdir, 'got_sigterm'), 'w').close()
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(workdir, 'started'), 'w').close()
+    time.sleep(60)
+''')
+
+
+def test_slurm_task_passes_a_sigterm_to_run_py(config_path, tmp_path):
+  """sbatch --signal=B:TERM@... signals the batch shell alone: the script passes it on."""
+  sweep = _fake_array(config_path, tmp_path, WAIT_FOR_SIGTERM_RUN_PY)
+  workdir = pathlib.Path(sweep.all_cells[0].workdir(sweep.sweep_dir))
+  process = _task(tmp_path, 0)
+  deadline = time.monotonic() + 30
+  while not (workdir / 'started').exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert (workdir / 'started').exists()
+  process.send_signal(signal.SIGTERM)  # the script's shell only
+  _, stderr = process.communicate(timeout=30)
+  assert (workdir / 'got_sigterm').exists()
+  assert process.returncode == 1  # run.py exited 0 without its final eval: not finished
+  assert 'FAILED: run.py exit status 0 and no eval_100.json' in stderr
+  assert 'submit it again to resume' in stderr
+  assert sweep_grid.read_cell_record(str(workdir))['returncode'] == 0
+
+
+def test_cli_slurm_script(config_path, tmp_path):
+  sweep_dir, path = tmp_path / 'sweep', tmp_path / 'jobs' / 'array.sh'
+  sweep = _load(config_path, tmp_path)
+  _finish(sweep, sweep.cells[0])
+  args = [f'--config={config_path}', f'--sweep_dir={sweep_dir}', '--only=type=resnet4,default']
+  result = _cli(*args, f'--slurm_script={path}', '--slurm_sbatch=--gres=gpu:1 --time=24:00:00',
+                '--slurm_sbatch=-p gpu', '--slurm_max_parallel=3')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == (f'wrote {path}: a SLURM job array of 8 cell(s), --array=1-7%3; 1 finished '
+                      'cell(s) left out of --array')
+  assert lines[1].startswith(f'submit: sbatch {path}')
+  assert shlex.split(lines[2].split(': ', 1)[1]) == [
+      sys.executable, str(REPO / 'sweep.py'), f'--config={config_path}',
+      f'--sweep_dir={sweep_dir}', '--report_only']
+  text = path.read_text()
+  assert _sbatch_lines(text)[1:] == ['--array=1-7%3', f'--output={sweep_dir}/slurm/%A_%a.out',
+                                     '--gres=gpu:1', '--time=24:00:00', '-p gpu']
+  assert f'cache_dir={sweep_dir}/jax_cache\n' in text
+  # The entries hold what --print_commands prints for the unfinished cells.
+  printed = _cli(*args, '--print_commands')
+  assert printed.returncode == 0, printed.stderr
+  entries = _entries(text)
+  assert [entries[i][2] for i in range(1, 8)] == printed.stdout.splitlines()[1:]
+  assert entries[0][0] == DEFAULT_NAMES[0]
+  # --only narrows the script too; the indices stay the grid's.
+  result = _cli(f'--config={config_path}', f'--sweep_dir={sweep_dir}', '--only=seed=1',
+                f'--slurm_script={path}', '--compilation_cache=')
+  assert result.returncode == 0, result.stderr
+  assert sorted(_entries(path.read_text())) == [1, 3, 5, 7]
+  assert '--array=1,3,5,7\n' in path.read_text() and 'cache_dir' not in path.read_text()
+
+
+def test_cli_slurm_script_when_all_cells_are_finished(config_path, tmp_path):
+  sweep = _load(config_path, tmp_path, only=['seed=0', 'type=default', 'train_crops=gt'])
+  _finish(sweep, sweep.cells[0])
+  result = _cli(f'--config={config_path}', f'--sweep_dir={tmp_path / "sweep"}', '--only=seed=0',
+                '--only=type=default', '--only=train_crops=gt',
+                f'--slurm_script={tmp_path / "a.sh"}')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith('all 1 cell(s) are finished: nothing to submit, no script '
+                                  'written; report: ')
+  assert not (tmp_path / 'a.sh').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--slurm_sbatch=--gres=gpu:1'], '--slurm_sbatch needs --slurm_script=PATH'),
+    (['--slurm_max_parallel=2'], '--slurm_max_parallel needs --slurm_script=PATH'),
+    (['--slurm_script=S', '--print_commands'],
+     '--print_commands and --slurm_script exclude each other; give one'),
+    (['--slurm_script=S', '--report_only'],
+     '--slurm_script and --report_only exclude each other; give one'),
+    (['--slurm_script='], '--slurm_script: give the path of the script to write'),
+    (['--slurm_script=S', '--slurm_sbatch=gpu:1'], "'gpu:1' is not an sbatch option"),
+    (['--slurm_script=S', '--slurm_sbatch=--array=0-3'], 'the script sets --array itself'),
+    (['--slurm_script=S', '--slurm_max_parallel=-1'], '--slurm_max_parallel=-1: must be >= 0'),
+])
+def test_cli_rejects_bad_slurm_flags(config_path, tmp_path, args, message):
+  args = [a.replace('=S', f'={tmp_path / "a.sh"}') if a == '--slurm_script=S' else a
+          for a in args]
+  result = _cli(f'--config={config_path}', f'--sweep_dir={tmp_path / "sweep"}', *args)
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.startswith('FATAL: ') and message in result.stderr, result.stderr
+  assert len(result.stderr.splitlines()) == 1
+  assert not (tmp_path / 'a.sh').exists() and not (tmp_path / 'sweep').exists()
+
+
+# Two cells of the Deep-MARC `demo,tiny` (6 steps, then the final eval), differing in the seed.
+TINY_SWEEP = textwrap.dedent('''\
+    """Two cells of deepmarc_spinenet.py:demo,tiny, seeds 0 and 1."""
+    import importlib.util
+
+    _SPEC = importlib.util.spec_from_file_location('deepmarc_spinenet', {experiment!r})
+    _MODULE = importlib.util.module_from_spec(_SPEC)
+    _SPEC.loader.exec_module(_MODULE)
+
+
+    def get_config(arg=None):
+      config = _MODULE.get_config('demo,tiny')
+      config.data.data_dir = {data_dir!r}
+      return config
+
+
+    def get_sweep(arg=None):
+      return {{'seed': [0, 1]}}
+''')
+
+
+@pytest.mark.slow
+def test_slurm_array_tasks_train_two_cells_then_the_report_has_both(tmp_path):
+  """The job-array script's task body, run here with SLURM_ARRAY_TASK_ID set, trains each cell
+  of a real two-cell grid to its final eval (sharing the compilation cache), and
+  `sweep.py --report_only` reports both."""
+  config = tmp_path / 'tiny_sweep.py'
+  config.write_text(TINY_SWEEP.format(
+      experiment=str(REPO / 'experiments' / 'deepmarc_spinenet.py'),
+      data_dir=str(tmp_path / 'tfds')))
+  sweep_dir, path = tmp_path / 'sweep', tmp_path / 'array.sh'
+  args = [f'--config={config}', f'--sweep_dir={sweep_dir}']
+  result = _cli(*args, f'--slurm_script={path}')
+  assert result.returncode == 0, result.stderr
+  assert '--array=0-1\n' in path.read_text()
+  printed = _cli(*args, '--print_commands')
+  entries = _entries(path.read_text())
+  assert [entries[i][2] for i in (0, 1)] == printed.stdout.splitlines()
+  environ = {k: v for k, v in os.environ.items()
+             if not k.startswith('SLURM_') and k != sweep_runner.CACHE_ENV}
+  environ.update(TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='')
+  sweep = sweep_grid.load(str(config), str(sweep_dir))
+  for index, cell in enumerate(sweep.all_cells):
+    task = subprocess.run(['bash', str(path)], env=dict(environ, SLURM_ARRAY_TASK_ID=str(index)),
+                          capture_output=True, text=True, timeout=1200, check=False)
+    log = pathlib.Path(cell.workdir(sweep.sweep_dir)) / 'log.txt'
+    assert task.returncode == 0, (task.stderr, log.read_text()[-3000:] if log.exists() else '')
+    assert cell.finished(sweep.sweep_dir) and cell.total_steps == 6
+    results = json.loads(pathlib.Path(cell.eval_path(sweep.sweep_dir)).read_text())
+    assert 'segm' in results and 'bbox' in results
+    record = sweep_grid.read_cell_record(cell.workdir(sweep.sweep_dir))
+    assert record['returncode'] == 0 and record['attempts'] == 1
+  assert any((sweep_dir / 'jax_cache').iterdir())  # the tasks' shared compilation cache
+  report = _cli(*args, '--report_only')
+  assert report.returncode == 0, report.stderr
+  assert '2 of 2 cells finished' in report.stdout
+  markdown = (sweep_dir / 'report.md').read_text()
+  assert '2 of 2 cells finished.' in markdown

@@ -328,10 +328,16 @@ def command(sweep: Sweep, cell: Cell, python: str | None = None,
               f'--config.{f}={format_value(f, v)}' for f, v in cell.overrides.items()]
 
 
+def command_line(sweep: Sweep, cell: Cell, python: str | None = None,
+                 run_py: str | None = None) -> str:
+  """Returns the cell's run.py command as one shell line (POSIX quoting, also a bash array's)."""
+  return shlex.join(command(sweep, cell, python, run_py))
+
+
 def command_lines(sweep: Sweep, python: str | None = None, run_py: str | None = None) -> list[str]:
-  """Returns one shell line per cell: its quoted command, or '# finished: <cell>'."""
+  """Returns one shell line per cell: its `command_line`, or '# finished: <cell>'."""
   return [f'# finished: {cell.name}' if cell.finished(sweep.sweep_dir) else
-          shlex.join(command(sweep, cell, python, run_py)) for cell in sweep.cells]
+          command_line(sweep, cell, python, run_py) for cell in sweep.cells]
 
 
 def utc_now() -> str:
