@@ -243,7 +243,16 @@ while [[ -z "$status" ]]; do
     status=0
   else
     code=$?  # > 128 also when the trap interrupted the wait: wait again while run.py runs
-    kill -0 "$pid" 2>/dev/null || status=$code
+    if ! kill -0 "$pid" 2>/dev/null; then
+      # run.py has ended. If the trap cut the wait short, its status is still to collect (a
+      # second wait returns it); if not, the first wait had it (a second says 127).
+      if wait "$pid" 2>/dev/null; then
+        status=0
+      else
+        again=$?
+        status=$(( again == 127 ? code : again ))
+      fi
+    fi
   fi
 done
 trap - TERM
