@@ -567,24 +567,30 @@ def test_missing_backbone_is_reported(tmp_path):
 # ------------------------------------------------------------------------------------ CLI
 
 
-@pytest.mark.oracle
-def test_cli_writes_what_init_from_loads(official, spine, tmp_path):
-  """`python -m deepmarc_jax.tools.convert_tf_checkpoint` -> orbax dir ->
-  `experiment.load_init_from` of a TrainState."""
-  out = tmp_path / 'converted'
+def _convert_cli(tf_checkpoint, out, **changes):
+  """`python -m deepmarc_jax.tools.convert_tf_checkpoint` with the small SpineNet's config
+  (`changes`: config fields to set otherwise)."""
   overrides = {
       'data.image_size': SPINE_SIZE, 'model.backbone.type': 'spinenet49',
       'model.width_multiplier': WIDTH, 'model.num_classes': NUM_CLASSES,
       'model.box_head.num_convs': 2, 'model.box_head.num_filters': 16,
       'model.box_head.fc_dims': 32, 'model.mask_head.type': 'hourglass20',
-      'model.mask_head.num_filters': 16, 'model.mask_head.crop_size': 16,
+      'model.mask_head.num_filters': 16, 'model.mask_head.crop_size': 16, **changes,
   }
-  result = subprocess.run(
+  return subprocess.run(
       [sys.executable, '-m', 'deepmarc_jax.tools.convert_tf_checkpoint',
        f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}',
        *(f'--config.{k}={v}' for k, v in overrides.items()),
-       f'--tf_checkpoint={official / "spinenet"}', f'--out={out}'],
+       f'--tf_checkpoint={tf_checkpoint}', f'--out={out}'],
       capture_output=True, text=True, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+@pytest.mark.oracle
+def test_cli_writes_what_init_from_loads(official, spine, tmp_path):
+  """`python -m deepmarc_jax.tools.convert_tf_checkpoint` -> orbax dir ->
+  `experiment.load_init_from` of a TrainState."""
+  out = tmp_path / 'converted'
+  result = _convert_cli(official / 'spinenet', out)
   assert result.returncode == 0, result.stderr[-6000:]
   zeros = jax.tree_util.tree_map(jnp.zeros_like, spine.variables)
   state = experiment.TrainState(step=jnp.zeros([], jnp.int32), params=zeros['params'],
@@ -601,20 +607,9 @@ def test_cli_refuses_a_config_of_another_architecture(official, tmp_path):
   the config's crops do not fit, so config validation fails too) exits with the flags that
   describe the checkpoint, writing nothing."""
   out = tmp_path / 'converted'
-  overrides = {
-      'data.image_size': SPINE_SIZE, 'model.backbone.type': 'spinenet96',
-      'model.min_level': 2, 'model.max_level': 6,
-      'model.width_multiplier': WIDTH, 'model.num_classes': NUM_CLASSES,
-      'model.box_head.num_convs': 2, 'model.box_head.num_filters': 16,
-      'model.box_head.fc_dims': 32, 'model.mask_head.type': 'hourglass52',
-      'model.mask_head.num_filters': 16, 'model.mask_head.crop_size': 16,
-  }
-  result = subprocess.run(
-      [sys.executable, '-m', 'deepmarc_jax.tools.convert_tf_checkpoint',
-       f'--config={REPO / "experiments" / "deepmarc_spinenet.py"}',
-       *(f'--config.{k}={v}' for k, v in overrides.items()),
-       f'--tf_checkpoint={official / "spinenet"}', f'--out={out}'],
-      capture_output=True, text=True, cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = _convert_cli(official / 'spinenet', out, **{
+      'model.backbone.type': 'spinenet96', 'model.min_level': 2, 'model.max_level': 6,
+      'model.mask_head.type': 'hourglass52'})
   print(result.stderr[-3000:], file=sys.stderr)
   assert result.returncode == 1 and not out.exists()
   assert 'Traceback' not in result.stderr
